@@ -1,0 +1,1 @@
+"""Prefect flows and the `finetune` CLI: wiring only, no ML code."""

@@ -1,0 +1,94 @@
+"""`finetune`: the one command line, identical on a laptop, in a container and under a Prefect worker.
+
+    finetune run [--config configs/tiny-cpu.yaml] [--out runs/latest] [section.key=value …]
+    finetune step NAME --config FILE [--input UPSTREAM=DIR …] --out DIR [section.key=value …]
+    finetune check --config FILE [section.key=value …]
+"""
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from steps import contract, profile as profiles
+
+log = logging.getLogger("finetune")
+
+
+def _quiet_third_parties() -> None:
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+def _inputs(pairs: list[str]) -> dict[str, Path]:
+    out = {}
+    for pair in pairs:
+        name, sep, path = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--input {pair!r} must look like UPSTREAM=DIR (e.g. --input fetch=runs/x/fetch)")
+        out[name] = Path(path)
+    return out
+
+
+def cmd_step(args) -> None:
+    profile = profiles.load_profile(args.config, args.overrides)
+    cfg = profiles.step_config(profile, args.name)
+    tracking = profiles.tracking_config(profile)
+    if tracking.enabled and tracking.uri and args.parent_run_id:
+        from flows.tracking import step_run
+
+        with step_run(tracking.uri, args.parent_run_id, args.name) as tracker:
+            manifest, _ = contract.execute(args.name, cfg, out_dir=args.out, inputs=_inputs(args.input), tracker=tracker)
+    else:
+        manifest, _ = contract.execute(args.name, cfg, out_dir=args.out, inputs=_inputs(args.input))
+    print(f"{args.name}: done, manifest at {Path(args.out) / contract.MANIFEST}")
+
+
+def cmd_run(args) -> None:
+    from flows.finetune import finetune
+
+    results = finetune(config=str(args.config), out=str(args.out), overrides=args.overrides)
+    print(f"\nfinetune: all {len(results)} steps finished; outputs in {Path(args.out).resolve()}")
+    for r in results:
+        print(f"  {r['step']:<8} {r['status']:<22} {r['duration_s']:>8.1f} s  {r['out_dir']}")
+
+
+def cmd_check(args) -> None:
+    profile = profiles.load_profile(args.config, args.overrides)
+    configs = profiles.validate(profile)
+    print(f"{args.config}: valid ({', '.join(configs)})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_third_parties()
+    parser = argparse.ArgumentParser(prog="finetune", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="the whole pipeline as one Prefect flow (default: the embedded tiny profile)")
+    run.add_argument("--config", type=Path, default=profiles.DEFAULT_PROFILE)
+    run.add_argument("--out", type=Path, default=Path("runs/latest"))
+    run.add_argument("overrides", nargs="*", metavar="section.key=value")
+    step = sub.add_parser("step", help="one step into one out dir")
+    step.add_argument("name", choices=contract.STEPS)
+    step.add_argument("--config", type=Path, required=True)
+    step.add_argument("--out", type=Path, required=True)
+    step.add_argument("--input", action="append", default=[], metavar="UPSTREAM=DIR")
+    step.add_argument("--parent-run-id", default="", help="MLflow parent run to nest this step's run under")
+    step.add_argument("overrides", nargs="*", metavar="section.key=value")
+    check = sub.add_parser("check", help="load and validate a profile without running anything")
+    check.add_argument("--config", type=Path, required=True)
+    check.add_argument("overrides", nargs="*", metavar="section.key=value")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        {"run": cmd_run, "step": cmd_step, "check": cmd_check}[args.command](args)
+    except ValueError as e:
+        # User errors (bad profile, bad input) print as one line; anything else keeps its traceback.
+        print(f"finetune: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Pipeline steps: plain modules with a frozen `Config`, an `Output` and `run(cfg, *, out_dir, inputs, tracker)`."""

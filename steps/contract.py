@@ -1,0 +1,126 @@
+"""The step contract: run a step module into an out dir, write manifest.json last, skip when the fingerprint matches."""
+import dataclasses
+import hashlib
+import importlib
+import json
+import logging
+import os
+import platform
+import time
+from collections.abc import Mapping
+from importlib import metadata
+from pathlib import Path
+
+from steps.tracking import NullTracker, Tracker
+
+log = logging.getLogger("finetune")
+
+STEPS = ("fetch", "harmony", "train", "merge", "push", "smoke")
+MANIFEST = "manifest.json"
+_VERSIONED = ("torch", "transformers", "trl", "peft", "datasets", "openai-harmony", "huggingface-hub")
+
+
+def step_module(name: str):
+    if name not in STEPS:
+        raise ValueError(f"unknown step {name!r}; choose one of {', '.join(STEPS)}")
+    return importlib.import_module(f"steps.{name}")
+
+
+def read_manifest(step_dir: Path) -> dict:
+    path = Path(step_dir) / MANIFEST
+    if not path.is_file():
+        raise ValueError(f"{step_dir} holds no {MANIFEST}: that step has not finished; run it first (finetune step ... --out {step_dir})")
+    return json.loads(path.read_text())
+
+
+def read_output(step_dir: Path) -> dict:
+    """The `Output` (as a dict) that an upstream step recorded in its manifest."""
+    return read_manifest(step_dir)["output"]
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, default=str))
+
+
+def fingerprint(name: str, cfg, inputs: Mapping[str, Path]) -> str:
+    """Hash of what determines a step's output: its config, its inputs' fingerprints and its code."""
+    module = step_module(name)
+    h = hashlib.sha256()
+    h.update(json.dumps(_jsonable(dataclasses.asdict(cfg)), sort_keys=True).encode())
+    for key in sorted(inputs):
+        h.update(f"{key}={read_manifest(inputs[key])['fingerprint']}".encode())
+    h.update(Path(module.__file__).read_bytes())
+    return h.hexdigest()
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version()}
+    for dist in _VERSIONED:
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def write_json_atomic(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def execute(name: str, cfg, *, out_dir: Path, inputs: Mapping[str, Path] | None = None,
+            tracker: Tracker | None = None) -> tuple[dict, bool]:
+    """Run step `name` unless `out_dir` already holds a manifest with the same fingerprint.
+
+    Returns the manifest and whether the step was skipped.
+    """
+    module = step_module(name)
+    inputs = {k: Path(v) for k, v in (inputs or {}).items()}
+    missing = [k for k in module.INPUTS if k not in inputs]
+    if missing:
+        raise ValueError(f"step {name} needs --input {missing[0]}=DIR (the out dir of the {missing[0]} step)")
+    extra = [k for k in inputs if k not in module.INPUTS]
+    if extra:
+        raise ValueError(f"step {name} takes no input {extra[0]!r}; it reads {', '.join(module.INPUTS) or 'no inputs'}")
+    out_dir = Path(out_dir)
+    fp = fingerprint(name, cfg, inputs)
+    manifest_path = out_dir / MANIFEST
+    if manifest_path.is_file():
+        old = json.loads(manifest_path.read_text())
+        if old.get("fingerprint") == fp:
+            log.info("step %s: skipped, %s already holds a finished run with the same inputs (fingerprint %s)",
+                     name, out_dir, fp[:12])
+            return old, True
+        log.info("step %s: inputs changed since the last run in %s; running again", name, out_dir)
+        manifest_path.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tracker = tracker or NullTracker()
+    tracker.log_params({f"{name}.{k}": v for k, v in _flatten(_jsonable(dataclasses.asdict(cfg))).items()})
+    log.info("step %s: running into %s", name, out_dir)
+    started = time.time()
+    output = module.run(cfg, out_dir=out_dir, inputs=inputs, tracker=tracker)
+    manifest = {
+        "step": name,
+        "fingerprint": fp,
+        "config": _jsonable(dataclasses.asdict(cfg)),
+        "inputs": {k: str(v) for k, v in inputs.items()},
+        "output": _jsonable(dataclasses.asdict(output)),
+        "versions": _versions(),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "duration_s": round(time.time() - started, 3),
+    }
+    write_json_atomic(manifest_path, manifest)
+    tracker.log_artifact(manifest_path)
+    log.info("step %s: done in %.1f s", name, manifest["duration_s"])
+    return manifest, False
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat

@@ -1,0 +1,144 @@
+"""The one config loader: a profile YAML (+ dotted key=value overrides) into each step's typed, validated Config."""
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from steps.model import ModelConfig
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_PROFILE = CONFIGS_DIR / "tiny-cpu.yaml"
+SECTION_OF_STEP = {"fetch": "data", "harmony": "harmony", "train": "train", "merge": "merge", "push": "push", "smoke": "smoke"}
+SECTIONS = ("model", *SECTION_OF_STEP.values(), "tracking")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrackingConfig:
+    uri: str = ""
+    """MLflow tracking URI; empty: `finetune run` uses sqlite in its out dir, `finetune step` does not track."""
+    experiment: str = "gpt-oss-finetune"
+    """MLflow experiment name."""
+    enabled: bool = True
+    """Set false to run without MLflow at all."""
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ValueError(f"profile {path} does not exist; pick one of {', '.join(p.name for p in sorted(CONFIGS_DIR.glob('*.yaml')))} in {CONFIGS_DIR}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"profile {path} must be a mapping of sections ({', '.join(SECTIONS)}), not {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _suggest(key: str, valid) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1)
+    return f"did you mean {close[0]!r}? " if close else ""
+
+
+def load_profile(path: str | Path, overrides: list[str] = ()) -> dict:
+    """Read a profile (following `base:` to the profile it extends) and apply `section.key=value` overrides."""
+    path = Path(path)
+    data = _read_yaml(path)
+    if "base" in data:
+        data = _merge(load_profile(path.parent / data.pop("base")), data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or "." not in key:
+            raise ValueError(f"override {item!r} must look like section.key=value (e.g. train.max_steps=10)")
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {part!r} is a value, not a section")
+        node[leaf] = yaml.safe_load(raw) if raw else ""
+    unknown = [s for s in data if s not in SECTIONS]
+    if unknown:
+        raise ValueError(f"profile {path}: unknown section {unknown[0]!r}; {_suggest(unknown[0], SECTIONS)}sections are {', '.join(SECTIONS)}")
+    return data
+
+
+def _check_type(value, hint, where: str):
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        if value not in typing.get_args(hint):
+            raise ValueError(f"{where}={value!r} is not allowed; choose one of {', '.join(map(repr, typing.get_args(hint)))}")
+        return
+    if origin in (types.UnionType, typing.Union):
+        errors = []
+        for arg in typing.get_args(hint):
+            try:
+                return _check_type(value, arg, where)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[-1])
+    if hint is type(None):
+        if value is not None:
+            raise ValueError(f"{where}={value!r} must be null")
+        return
+    base = origin or hint
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return
+    if base is int and isinstance(value, bool):
+        raise ValueError(f"{where}={value!r} must be an integer")
+    if isinstance(base, type) and not isinstance(value, base):
+        raise ValueError(f"{where}={value!r} must be of type {getattr(base, '__name__', base)}, not {type(value).__name__}")
+
+
+def build(cls, values: dict, *, section: str, extra: dict | None = None):
+    """`cls(**values)` with unknown keys rejected (closest valid key suggested) and field types checked."""
+    values = dict(values or {})
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in (extra or {})]
+    for key in values:
+        if key not in names:
+            raise ValueError(f"unknown key {section}.{key}; {_suggest(key, names)}valid keys are {', '.join(names)}")
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f.name not in values and f.name not in (extra or {})
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ValueError(f"{section}.{missing[0]} is required; set it in the profile's {section}: section or pass {section}.{missing[0]}=…")
+    for key, value in values.items():
+        if dataclasses.is_dataclass(hints[key]):
+            values[key] = build(hints[key], value, section=f"{section}.{key}")
+        else:
+            _check_type(value, hints[key], f"{section}.{key}")
+    return cls(**values, **(extra or {}))
+
+
+def model_config(profile: dict) -> ModelConfig:
+    if "model" not in profile:
+        raise ValueError("the profile has no model: section; add one (e.g. model: {name: openai/gpt-oss-20b})")
+    return build(ModelConfig, profile["model"], section="model")
+
+
+def tracking_config(profile: dict) -> TrackingConfig:
+    return build(TrackingConfig, profile.get("tracking", {}), section="tracking")
+
+
+def step_config(profile: dict, step: str):
+    """The typed Config of `step` from its profile section, with the `model` section injected where it takes one."""
+    from steps.contract import step_module
+
+    cls = step_module(step).Config
+    section = SECTION_OF_STEP[step]
+    extra = {"model": model_config(profile)} if "model" in {f.name for f in dataclasses.fields(cls)} else {}
+    return build(cls, profile.get(section, {}), section=section, extra=extra)
+
+
+def validate(profile: dict) -> dict:
+    """Every step's Config, built (and so validated) up front: bad input fails before any GPU time is spent."""
+    tracking_config(profile)
+    return {step: step_config(profile, step) for step in SECTION_OF_STEP}

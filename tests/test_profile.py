@@ -1,0 +1,51 @@
+"""The config loader: every shipped profile validates; unknown keys, bad types and bad overrides fail with the fix."""
+import pytest
+
+from steps import profile as profiles
+
+pytestmark = pytest.mark.unit
+ALL_PROFILES = sorted(profiles.CONFIGS_DIR.glob("*.yaml"))
+
+
+def test_every_real_profile_has_a_tiny_sibling():
+    names = {p.stem for p in ALL_PROFILES}
+    real = {n for n in names if not n.endswith("-tiny") and n != "tiny-cpu"}
+    assert real, "no real profiles found"
+    assert {f"{n}-tiny" for n in real} <= names
+
+
+@pytest.mark.parametrize("path", ALL_PROFILES, ids=lambda p: p.name)
+def test_every_profile_loads_and_validates(path):
+    configs = profiles.validate(profiles.load_profile(path))
+    assert set(configs) == set(profiles.SECTION_OF_STEP)
+
+
+def test_unknown_key_names_the_closest_valid_key():
+    with pytest.raises(ValueError, match=r"unknown key harmony\.max_lenght; did you mean 'max_length'"):
+        profiles.step_config(profiles.load_profile(profiles.DEFAULT_PROFILE, ["harmony.max_lenght=10"]), "harmony")
+
+
+def test_unknown_section_is_rejected():
+    with pytest.raises(ValueError, match="unknown section 'trian'; did you mean 'train'"):
+        profiles.load_profile(profiles.DEFAULT_PROFILE, ["trian.max_steps=3"])
+
+
+def test_overrides_are_typed_and_checked():
+    prof = profiles.load_profile(profiles.DEFAULT_PROFILE, ["harmony.max_length=512"])
+    assert profiles.step_config(prof, "harmony").max_length == 512
+    with pytest.raises(ValueError, match=r"harmony\.max_length='many' must be of type int"):
+        profiles.step_config(profiles.load_profile(profiles.DEFAULT_PROFILE, ["harmony.max_length=many"]), "harmony")
+    with pytest.raises(ValueError, match="must look like section.key=value"):
+        profiles.load_profile(profiles.DEFAULT_PROFILE, ["max_length"])
+
+
+def test_model_section_is_injected_and_checked():
+    prof = profiles.load_profile(profiles.DEFAULT_PROFILE)
+    assert profiles.step_config(prof, "harmony").model == profiles.model_config(prof)
+    with pytest.raises(ValueError, match="unknown key model.nmae"):
+        profiles.model_config(profiles.load_profile(profiles.DEFAULT_PROFILE, ["model.nmae=x"]))
+
+
+def test_missing_profile_lists_the_shipped_ones(tmp_path):
+    with pytest.raises(ValueError, match="tiny-cpu.yaml"):
+        profiles.load_profile(tmp_path / "nope.yaml")
