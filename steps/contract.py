@@ -50,6 +50,8 @@ def fingerprint(name: str, cfg, inputs: Mapping[str, Path]) -> str:
     for key in sorted(inputs):
         h.update(f"{key}={read_manifest(inputs[key])['fingerprint']}".encode())
     h.update(Path(module.__file__).read_bytes())
+    if hasattr(module, "source_revision"):  # data outside the pipeline (fetch): a moved branch or edited file re-runs
+        h.update(module.source_revision(cfg).encode())
     return h.hexdigest()
 
 

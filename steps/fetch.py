@@ -1,0 +1,257 @@
+"""finetune step fetch --config configs/tiny-cpu.yaml --out DIR [data.dataset=PATH|HUB_ID ...]
+
+Loads a Multilingual-Thinking-shaped dataset (Hub id + revision, a local .jsonl/.parquet file, a `save_to_disk`
+folder, or the bundled fixture), validates it, drops malformed rows with counts, and writes train/eval JSONL.
+"""
+import hashlib
+import json
+import logging
+import os
+import random
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from steps.tracking import Tracker
+
+log = logging.getLogger("finetune")
+
+INPUTS = ()
+BUNDLED = Path(__file__).parent / "data" / "multilingual-fixture.jsonl"
+REQUIRED_COLUMNS = ("reasoning_language", "developer", "user", "analysis", "final", "messages")
+ROLES = ("system", "developer", "user", "assistant")
+EFFORTS = ("low", "medium", "high")
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    dataset: str = "HuggingFaceH4/Multilingual-Thinking"
+    """Hub dataset id, a local .jsonl/.parquet file, a `save_to_disk` folder, or "bundled" (the project's fixture)."""
+    revision: str = "main"
+    """Hub revision (branch, tag or commit) of a Hub dataset; local data is pinned by its sha256 instead."""
+    split: str = "train"
+    """Split to read from a Hub dataset or a `save_to_disk` DatasetDict."""
+    eval_fraction: float = 0.0
+    """Fraction of valid rows held out for evaluation (0 disables the eval split)."""
+    seed: int = 0
+    """Seed of the train/eval split."""
+    max_rows: int = 0
+    """Read only the first N rows of the source (0 reads all)."""
+
+    def __post_init__(self):
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"data.eval_fraction={self.eval_fraction} is outside [0, 1); use e.g. 0.05, or 0 to disable the eval split")
+        if self.max_rows < 0:
+            raise ValueError(f"data.max_rows={self.max_rows} is negative; use 0 to read every row")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Output:
+    train_path: str
+    eval_path: str
+    num_train: int
+    num_eval: int
+    num_dropped: dict = field(default_factory=dict)
+    dataset: str = ""
+    revision: str = ""
+
+
+def _is_local(dataset: str) -> bool:
+    return (dataset == "bundled" or Path(dataset).expanduser().exists() or dataset.startswith(("/", ".", "~"))
+            or dataset.endswith(LOCAL_SUFFIXES))
+
+
+def _sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        if path.is_dir():
+            h.update(str(f.relative_to(path)).encode() + b"\0")
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    # Parsed line by line rather than through Arrow: a malformed row (wrong types) must be counted, not crash the reader.
+    rows = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"data.dataset={path} cannot be read ({e}); point it at a UTF-8 JSON Lines file") from e
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"data.dataset={path} line {n} is not valid JSON ({e.msg}); fix or remove that line") from e
+        rows.append(row if isinstance(row, dict) else {"__not_an_object__": row})
+    return rows
+
+
+def _read_local(path: Path, split: str) -> list[dict]:
+    if path.is_dir():
+        import datasets
+
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except FileNotFoundError as e:
+            raise ValueError(f"data.dataset={path} is a folder but not a `save_to_disk` dataset ({e}); "
+                             "point it at a .jsonl/.parquet file or a folder written by Dataset.save_to_disk") from e
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise ValueError(f"data.split={split!r} is not in {path} (splits: {', '.join(ds)}); set data.split to one of them")
+            ds = ds[split]
+        return ds.to_list()
+    if path.suffix in (".jsonl", ".json"):
+        return _read_jsonl(path)
+    if path.suffix == ".parquet":
+        import pyarrow
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_table(path).to_pylist()
+        except (OSError, pyarrow.ArrowException) as e:
+            raise ValueError(f"data.dataset={path} cannot be read as Parquet ({e}); check the file") from e
+    raise ValueError(f"data.dataset={path} has an unknown format {path.suffix!r}; use a .jsonl or .parquet file or a save_to_disk folder")
+
+
+def _local_path(cfg: Config) -> Path:
+    path = BUNDLED if cfg.dataset == "bundled" else Path(cfg.dataset).expanduser()
+    if not path.exists():
+        raise ValueError(f"data.dataset={cfg.dataset} does not exist; give an existing .jsonl/.parquet file or "
+                         "save_to_disk folder, a Hub dataset id, or `bundled`")
+    return path
+
+
+def source_revision(cfg: Config) -> str:
+    """What the data behind `cfg` is right now: the Hub commit `data.revision` resolves to, or the local files' sha256.
+
+    The contract folds it into the fingerprint, so an edited file or a moved branch re-runs fetch (nightly retrains).
+    """
+    if _is_local(cfg.dataset):
+        return _sha256_of(_local_path(cfg))
+    from huggingface_hub import HfApi
+
+    return HfApi().dataset_info(cfg.dataset, revision=cfg.revision).sha
+
+
+def _read_hub(cfg: Config) -> tuple[list[dict], str]:
+    import datasets
+
+    # Resolve the revision to a commit first so that the rows read and the sha recorded are the same snapshot.
+    sha = source_revision(cfg)
+    ds = datasets.load_dataset(cfg.dataset, revision=sha, split=cfg.split)
+    return ds.to_list(), sha
+
+
+def check_row(row: dict) -> str | None:
+    """The reason a row is malformed (a key of Output.num_dropped), or None when it can be trained on."""
+    if "__not_an_object__" in row:
+        return "wrong_type"
+    messages = row.get("messages")
+    if messages is None or messages == []:
+        return "no_messages"
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        return "wrong_type"
+    for m in messages:
+        if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            return "wrong_type"
+        if m.get("thinking") is not None and not isinstance(m["thinking"], str):
+            return "wrong_type"
+        if m["role"] not in ROLES:
+            return "unknown_role"
+    if any(m["role"] in ("system", "developer") for m in messages[1:]):
+        return "system_not_first"  # Harmony has one developer message, at the start
+    if not any(m["role"] == "assistant" for m in messages):
+        return "no_assistant_turn"
+    if messages[-1]["role"] != "assistant":
+        return "last_turn_not_assistant"
+    if any(m["role"] == "assistant" and not m["content"].strip() for m in messages):
+        return "empty_assistant_content"
+    if not isinstance(row.get("reasoning_language"), str):
+        return "wrong_type"
+    if any(row.get(c) is not None and not isinstance(row[c], str) for c in REQUIRED_COLUMNS[1:5]):
+        return "wrong_type"
+    effort = row.get("reasoning_effort")
+    if effort is not None and effort not in EFFORTS:
+        return "bad_reasoning_effort"
+    return None
+
+
+def _normalise(row: dict, row_id: str) -> dict:
+    return {
+        "id": row_id,
+        **{c: row.get(c) for c in REQUIRED_COLUMNS[:5]},
+        "messages": [{"role": m["role"], "content": m["content"], "thinking": m.get("thinking")} for m in row["messages"]],
+        "reasoning_effort": row.get("reasoning_effort"),
+    }
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Tracker) -> Output:
+    if _is_local(cfg.dataset):
+        path = _local_path(cfg)
+        rows, revision, source = _read_local(path, cfg.split), _sha256_of(path), str(path.resolve())
+    else:
+        rows, revision = _read_hub(cfg)
+        source = cfg.dataset
+    if cfg.max_rows:
+        rows = rows[:cfg.max_rows]
+    log.info("fetch: read %d rows from %s (revision %s)", len(rows), source, revision)
+
+    present = set().union(*(r.keys() for r in rows)) if rows else set()
+    missing = [c for c in REQUIRED_COLUMNS if c not in present]
+    if missing:
+        raise ValueError(f"data.dataset={cfg.dataset} lacks column(s) {', '.join(missing)}; a Multilingual-Thinking "
+                         f"dataset needs {', '.join(REQUIRED_COLUMNS)} (messages = [{{role, content, thinking}}])")
+
+    kept, dropped = [], Counter()
+    for index, row in enumerate(rows):
+        reason = check_row(row)
+        if reason:
+            dropped[reason] += 1
+            log.debug("fetch: dropping row %d (%s)", index, reason)
+            continue
+        # Ids from the source are kept; otherwise the row's position, stable for a pinned revision.
+        kept.append(_normalise(row, str(row["id"]) if row.get("id") is not None else f"row-{index:06d}"))
+    if dropped:
+        log.warning("fetch: dropped %d malformed rows: %s", sum(dropped.values()), dict(sorted(dropped.items())))
+    if not kept:
+        raise ValueError(f"data.dataset={cfg.dataset} has no valid rows ({len(rows)} read, dropped by reason: "
+                         f"{dict(sorted(dropped.items()))}); each row needs messages ending in a non-empty assistant turn")
+    if len({r["id"] for r in kept}) != len(kept):
+        raise ValueError(f"data.dataset={cfg.dataset} has duplicate ids in its `id` column; make them unique or drop the column")
+
+    num_eval = round(cfg.eval_fraction * len(kept)) if cfg.eval_fraction else 0
+    if cfg.eval_fraction and not 1 <= num_eval < len(kept):
+        raise ValueError(f"data.eval_fraction={cfg.eval_fraction} leaves {num_eval} of {len(kept)} rows for eval; "
+                         "raise it, lower it, or set it to 0")
+    order = list(range(len(kept)))
+    random.Random(cfg.seed).shuffle(order)
+    eval_idx = set(order[:num_eval])
+    train = [r for i, r in enumerate(kept) if i not in eval_idx]
+    evals = [r for i, r in enumerate(kept) if i in eval_idx]
+
+    train_path = out_dir / "train.jsonl"
+    _write_jsonl(train_path, train)
+    eval_path = ""
+    if evals:
+        _write_jsonl(out_dir / "eval.jsonl", evals)
+        eval_path = str(out_dir / "eval.jsonl")
+    tracker.log_metrics({"fetch.num_train": len(train), "fetch.num_eval": len(evals),
+                         "fetch.num_dropped": sum(dropped.values())})
+    log.info("fetch: %d train, %d eval rows written to %s", len(train), len(evals), out_dir)
+    return Output(train_path=str(train_path), eval_path=eval_path, num_train=len(train), num_eval=len(evals),
+                  num_dropped=dict(sorted(dropped.items())), dataset=source, revision=revision)

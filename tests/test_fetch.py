@@ -1,0 +1,122 @@
+"""The fetch step on local data: formats, malformed rows, the split, and the errors a user sees."""
+import json
+
+import datasets
+import pytest
+
+from steps import fetch
+from steps.contract import execute
+from steps.tracking import NullTracker
+
+pytestmark = pytest.mark.unit
+
+FIXTURE_DROPS = {"bad_reasoning_effort": 1, "empty_assistant_content": 1, "no_assistant_turn": 1, "no_messages": 1,
+                 "unknown_role": 1, "wrong_type": 2}
+
+
+def _run(tmp_path, **cfg):
+    out = tmp_path / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    return fetch.run(fetch.Config(**cfg), out_dir=out, inputs={}, tracker=NullTracker())
+
+
+def _read(path):
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+def _valid_rows():
+    rows = _read(fetch.BUNDLED)
+    return [r for r in rows if fetch.check_row(r) is None]
+
+
+def test_bundled_fixture_counts_malformed_rows_by_reason(tmp_path):
+    out = _run(tmp_path, dataset="bundled")
+    assert out.num_dropped == FIXTURE_DROPS
+    assert out.num_train == len(_valid_rows()) >= 100 and out.num_eval == 0 and out.eval_path == ""
+    assert out.revision.startswith("sha256:") and len(out.revision) == len("sha256:") + 64
+    kept = _read(out.train_path)
+    assert [r["id"] for r in kept] == [r["id"] for r in _valid_rows()]
+    assert {r["reasoning_effort"] for r in kept} == {None, "low", "medium", "high"}
+    assert len({r["reasoning_language"] for r in kept}) >= 6
+
+
+def test_split_is_deterministic_by_seed(tmp_path):
+    a = _run(tmp_path / "a", dataset="bundled", eval_fraction=0.2, seed=7)
+    b = _run(tmp_path / "b", dataset="bundled", eval_fraction=0.2, seed=7)
+    c = _run(tmp_path / "c", dataset="bundled", eval_fraction=0.2, seed=8)
+    ids = lambda out: ([r["id"] for r in _read(out.train_path)], [r["id"] for r in _read(out.eval_path)])
+    assert ids(a) == ids(b) and ids(a) != ids(c)
+    train, evals = ids(a)
+    assert a.num_eval == len(evals) == round(0.2 * len(_valid_rows())) and not set(train) & set(evals)
+
+
+def test_parquet_and_save_to_disk_give_the_same_rows_and_make_ids(tmp_path):
+    rows = [{k: v for k, v in r.items() if k not in ("id", "reasoning_effort")} for r in _valid_rows()[:20]]
+    ds = datasets.Dataset.from_list(rows)
+    ds.to_parquet(str(tmp_path / "rows.parquet"))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "saved_dict"))
+    outs = [_run(tmp_path / name, dataset=str(tmp_path / path))
+            for name, path in (("p", "rows.parquet"), ("s", "saved"), ("d", "saved_dict"))]
+    kept = [_read(o.train_path) for o in outs]
+    assert kept[0] == kept[1] == kept[2] and len(kept[0]) == 20
+    assert [r["id"] for r in kept[0]][:2] == ["row-000000", "row-000001"]
+    assert kept[0][0]["messages"] == rows[0]["messages"]
+    assert outs[0].revision != outs[1].revision and all(o.revision.startswith("sha256:") for o in outs)
+
+
+def test_execute_writes_manifest(tmp_path):
+    manifest, skipped = execute("fetch", fetch.Config(dataset="bundled", eval_fraction=0.1), out_dir=tmp_path)
+    assert not skipped and (tmp_path / "manifest.json").is_file() and (tmp_path / "eval.jsonl").is_file()
+    assert manifest["output"]["num_dropped"] == FIXTURE_DROPS
+
+
+def test_missing_path_is_an_error_naming_it(tmp_path):
+    with pytest.raises(ValueError, match=r"data\.dataset=.*nope\.jsonl does not exist"):
+        _run(tmp_path, dataset=str(tmp_path / "nope.jsonl"))
+
+
+def test_file_without_valid_rows_is_an_error(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    bad = [r for r in _read(fetch.BUNDLED) if fetch.check_row(r) is not None]
+    path.write_text("".join(json.dumps(r) + "\n" for r in bad))
+    with pytest.raises(ValueError, match=r"has no valid rows \(7 read, dropped by reason: .*'no_messages': 1"):
+        _run(tmp_path, dataset=str(path))
+
+
+def test_missing_column_is_an_error_naming_it(tmp_path):
+    path = tmp_path / "cols.jsonl"
+    path.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "analysis"}) + "\n" for r in _valid_rows()[:3]))
+    with pytest.raises(ValueError, match=r"lacks column\(s\) analysis"):
+        _run(tmp_path, dataset=str(path))
+
+
+def test_unreadable_file_is_an_error_naming_the_line(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text(json.dumps(_valid_rows()[0]) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"line 2 is not valid JSON"):
+        _run(tmp_path, dataset=str(path))
+    parquet = tmp_path / "broken.parquet"
+    parquet.write_bytes(b"not a parquet file")
+    with pytest.raises(ValueError, match=r"cannot be read as Parquet"):
+        _run(tmp_path, dataset=str(parquet))
+
+
+@pytest.mark.parametrize("row_patch, reason", [
+    ({"messages": None}, "no_messages"),
+    ({"messages": [{"role": "user", "content": "Hi", "thinking": None}]}, "no_assistant_turn"),
+    ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}]}, "empty_assistant_content"),
+    ({"messages": [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}]}, "unknown_role"),
+    ({"messages": [{"role": "user", "content": ["Hi"]}, {"role": "assistant", "content": "y"}]}, "wrong_type"),
+    ({"messages": [{"role": "assistant", "content": "y"}, {"role": "user", "content": "Hi"}]}, "last_turn_not_assistant"),
+    ({"reasoning_effort": "extreme"}, "bad_reasoning_effort"),
+    ({"reasoning_language": 3}, "wrong_type"),
+])
+def test_check_row_reasons(row_patch, reason):
+    assert fetch.check_row(_valid_rows()[0]) is None
+    assert fetch.check_row({**_valid_rows()[0], **row_patch}) == reason
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match=r"data\.eval_fraction=1\.5"):
+        fetch.Config(eval_fraction=1.5)
