@@ -1,0 +1,178 @@
+"""The push step: dry-run plan and model card, input errors, and a real huggingface_hub upload to a local Hub test double."""
+import base64
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from steps import push
+from steps.contract import write_json_atomic
+from steps.tracking import NullTracker
+
+pytestmark = pytest.mark.unit
+
+TOKEN = "hf_test_secret_do_not_leak_0123456789"
+MODEL_FILES = {"config.json": b'{"architectures": ["GptOssForCausalLM"]}', "model.safetensors": b"\0" * 4096,
+               "tokenizer.json": b"{}", "chat_template.jinja": b"{{ messages }}"}
+
+
+def _manifest(step_dir: Path, step: str, *, config: dict, output: dict, inputs: dict) -> None:
+    step_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(step_dir / "manifest.json", {
+        "step": step, "fingerprint": f"{step}-fp", "config": config, "output": output,
+        "inputs": {k: str(v) for k, v in inputs.items()}, "versions": {"transformers": "5.23.0"}})
+
+
+@pytest.fixture
+def merge_dir(tmp_path) -> Path:
+    """A finished fetch -> harmony -> train -> merge chain of manifests, with a small stand-in model folder."""
+    model = {"name": "openai/gpt-oss-20b", "revision": "6cee5e8", "tokenizer": "", "random_shape": {}, "seed": 0}
+    _manifest(tmp_path / "fetch", "fetch", config={"dataset": "HuggingFaceH4/Multilingual-Thinking"},
+              output={"dataset": "HuggingFaceH4/Multilingual-Thinking", "revision": "c4f1b9a", "num_train": 1000,
+                      "num_eval": 0}, inputs={})
+    _manifest(tmp_path / "harmony", "harmony", config={"max_length": 2048}, output={}, inputs={"fetch": tmp_path / "fetch"})
+    _manifest(tmp_path / "train", "train", config={"model": model, "method": "lora", "learning_rate": 2e-4, "lora_r": 8},
+              output={"train_loss_last": 0.93, "tokens_per_s": 15000.0, "loss_curve": [[1, 2.0]]},
+              inputs={"harmony": tmp_path / "harmony"})
+    merge = tmp_path / "merge"
+    (merge / "model").mkdir(parents=True)
+    for name, data in MODEL_FILES.items():
+        (merge / "model" / name).write_bytes(data)
+    _manifest(merge, "merge", config={"model": model}, output={"model_dir": "model"}, inputs={"train": tmp_path / "train"})
+    return merge
+
+
+def test_dry_run_lists_files_and_writes_the_card(merge_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    out_dir = tmp_path / "push"
+    out_dir.mkdir()
+    cfg = push.Config(repo_id="my-org/gpt-oss-20b-multilingual-reasoner", revision_tag="v1")
+
+    out = push.run(cfg, out_dir=out_dir, inputs={"merge": merge_dir}, tracker=NullTracker())
+
+    assert out.dry_run and out.url == "" and out.commit == ""
+    sizes = {f["path"]: f["size_bytes"] for f in out.files}
+    assert sizes == {**{k: len(v) for k, v in MODEL_FILES.items()}, "README.md": (out_dir / "README.md").stat().st_size}
+    assert out.num_bytes == sum(sizes.values())
+    plan = json.loads((out_dir / "upload_plan.json").read_text())
+    assert plan["files"] == out.files and plan["private"] is True
+    card = Path(out.model_card_path).read_text()
+    for expected in ("base_model: openai/gpt-oss-20b", "datasets: [HuggingFaceH4/Multilingual-Thinking]",
+                     "revision `6cee5e8`", "revision `c4f1b9a`", "| `learning_rate` | 0.0002 |", "| `lora_r` | 8 |",
+                     "| `train_loss_last` | 0.93 |"):
+        assert expected in card
+    assert not any(TOKEN in p.read_text(errors="replace") for p in out_dir.rglob("*") if p.is_file())
+    assert TOKEN not in json.dumps(out.__dict__)
+
+
+@pytest.mark.parametrize("repo_id", ["no-owner", "a/b/c", "own er/name", "owner/na--me", "-owner/name", ""])
+def test_bad_repo_id_names_the_field(repo_id):
+    with pytest.raises(ValueError, match=r"push\.repo_id=.*owner/name"):
+        push.Config(repo_id=repo_id)
+
+
+def test_missing_token_is_an_error_that_says_what_to_set(merge_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("MY_HUB_TOKEN", raising=False)
+    cfg = push.Config(repo_id="my-org/model", dry_run=False, token_env="MY_HUB_TOKEN")
+    with pytest.raises(ValueError, match="set MY_HUB_TOKEN to a Hugging Face token"):
+        push.run(cfg, out_dir=tmp_path, inputs={"merge": merge_dir}, tracker=NullTracker())
+
+
+class FakeHubServer:
+    """A local HTTP test double of the Hub endpoints huggingface_hub calls for create_repo, create_commit and
+    create_tag. It stores committed files in memory and answers 401 to any other token than `token`."""
+
+    def __init__(self, token: str):
+        self.token = token
+        self.repos: dict[str, dict] = {}
+        self.files: dict[str, bytes] = {}
+        self.tags: dict[str, str] = {}
+        self.requests: list[str] = []
+        double = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                double.requests.append(f"POST {self.path}")
+                if self.headers.get("Authorization") != f"Bearer {double.token}":
+                    return self._reply(401, {"error": "Invalid credentials in Authorization header"})
+                path = self.path.split("?")[0]
+                if path == "/api/repos/create":
+                    payload = json.loads(body)
+                    repo_id = f"{payload['organization']}/{payload['name']}"
+                    double.repos[repo_id] = payload
+                    return self._reply(200, {"url": f"{double.url}/{repo_id}"})
+                if path == "/api/validate-yaml":
+                    return self._reply(200, {})
+                if "/preupload/" in path:
+                    files = json.loads(body)["files"]
+                    return self._reply(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                                       for f in files]})
+                if "/commit/" in path:
+                    for line in body.decode().splitlines():
+                        op = json.loads(line)
+                        if op["key"] == "file":
+                            double.files[op["value"]["path"]] = base64.b64decode(op["value"]["content"])
+                    repo_id = path.removeprefix("/api/models/").split("/commit/")[0]
+                    return self._reply(200, {"commitUrl": f"{double.url}/{repo_id}/commit/{'c' * 40}", "commitOid": "c" * 40})
+                if "/tag/" in path:
+                    double.tags[json.loads(body)["tag"]] = path.rsplit("/", 1)[1]
+                    return self._reply(200, {})
+                return self._reply(404, {"error": f"the test double does not know {path}"})
+
+            def _reply(self, status: int, payload: dict):
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture
+def hub_online(monkeypatch):
+    """Lift the suite's HF_HUB_OFFLINE for huggingface_hub (read once at import): the only Hub here is on loopback."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+
+def test_push_uploads_through_huggingface_hub_to_fake_hub_server(merge_dir, tmp_path, monkeypatch, hub_online):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with FakeHubServer(token=TOKEN) as hub:
+        cfg = push.Config(repo_id="my-org/reasoner", dry_run=False, revision_tag="v1", endpoint=hub.url)
+        out = push.run(cfg, out_dir=tmp_path, inputs={"merge": merge_dir}, tracker=NullTracker())
+
+    assert hub.repos["my-org/reasoner"]["visibility"] == "private"
+    assert {k: v for k, v in hub.files.items() if k != "README.md"} == MODEL_FILES
+    assert hub.files["README.md"] == (tmp_path / "README.md").read_bytes()
+    assert hub.tags == {"v1": "c" * 40}
+    assert out.commit == "c" * 40 and out.url.endswith("/my-org/reasoner")
+    assert not any(TOKEN in p.read_text(errors="replace") for p in tmp_path.rglob("*") if p.is_file())
+
+
+def test_rejected_token_says_so_without_echoing_it(merge_dir, tmp_path, monkeypatch, hub_online):
+    monkeypatch.setenv("HF_TOKEN", "hf_wrong_token_value")
+    with FakeHubServer(token=TOKEN) as hub:
+        cfg = push.Config(repo_id="my-org/reasoner", dry_run=False, endpoint=hub.url)
+        with pytest.raises(ValueError, match=r"rejected the token in \$HF_TOKEN \(HTTP 401\)") as err:
+            push.run(cfg, out_dir=tmp_path, inputs={"merge": merge_dir}, tracker=NullTracker())
+    assert "hf_wrong_token_value" not in str(err.value)
+    assert hub.files == {}

@@ -1,0 +1,142 @@
+"""The smoke step against a real `transformers serve` process on loopback, serving a tiny gpt-oss with the real tokenizer.
+
+A random-weight model never opens a Harmony channel, so nothing it says reaches `content` or `reasoning_content`.
+The model here is wired by hand instead: attention and expert outputs are zeroed, so the residual stream is the
+current token's embedding and the model is a bigram table that answers every prompt with one fixed, well-formed
+Harmony completion (English reasoning, then <|return|>). Real parsing, streaming and stopping then happen in the server.
+"""
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+from steps import smoke
+from steps.contract import write_json_atomic
+from steps.tracking import NullTracker
+
+REASONING = "User asks which city is Australia's capital: Canberra."
+
+
+def _bigram_model(tokenizer, *, completion_ids: list[int], start_id: int):
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    config = GptOssConfig(
+        num_hidden_layers=2, hidden_size=64, head_dim=16, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, vocab_size=len(tokenizer),
+        layer_types=["sliding_attention", "full_attention"], bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=[200002, 199999, 200012], pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = GptOssForCausalLM(config)
+    transitions = list(zip([start_id, *completion_ids[:-1]], completion_ids))
+    sources = [src for src, _ in transitions]
+    assert len(set(sources)) == len(sources) <= config.hidden_size, "a bigram table needs distinct source tokens"
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.self_attn.o_proj.bias.zero_()
+            layer.mlp.experts.down_proj.zero_()
+            layer.mlp.experts.down_proj_bias.zero_()
+        model.lm_head.weight.zero_()
+        for k, (src, dst) in enumerate(transitions):
+            model.model.embed_tokens.weight[src] = torch.nn.functional.one_hot(torch.tensor(k), config.hidden_size)
+            model.lm_head.weight[dst, k] = 10.0  # after the final RMSNorm the one-hot is 8.0: a logit of 80 vs 0
+    return model
+
+
+@pytest.fixture(scope="module")
+def merge_dir(tmp_path_factory) -> Path:
+    """A finished merge step's out dir holding the hand-wired model, the offline tokenizer and the response schema."""
+    from trl.chat_template_utils import add_response_schema
+
+    from steps.tokenizer import build_offline_tokenizer
+
+    tokenizer = add_response_schema(build_offline_tokenizer())
+    assert tokenizer.response_template is not None
+    completion = f"<|channel|>analysis<|message|>{REASONING}<|end|><|return|>"
+    completion_ids = tokenizer.encode(completion, add_special_tokens=False)
+    prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                               tokenize=True, return_dict=False)
+    model = _bigram_model(tokenizer, completion_ids=completion_ids, start_id=prompt_ids[-1])
+    out = tmp_path_factory.mktemp("merge")
+    model.save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")
+    write_json_atomic(out / "manifest.json", {"step": "merge", "fingerprint": "test", "output": {"model_dir": "model"}})
+    return out
+
+
+def _server_gone(report: dict) -> bool:
+    try:
+        os.killpg(report["server_pid"], 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex((host, port)) != 0
+
+
+@pytest.mark.integration
+def test_smoke_passes_against_transformers_serve(merge_dir, tmp_path):
+    cfg = smoke.Config(backend="transformers", port=0, languages=["English", "French"], max_tokens=48,
+                       check_language=False, startup_timeout_s=180, request_timeout_s=120)
+
+    out = smoke.run(cfg, out_dir=tmp_path, inputs={"merge": merge_dir}, tracker=NullTracker())
+
+    report = json.loads(Path(out.report_path).read_text())
+    assert out.num_failed == 0 and out.num_checks == report["num_checks"] >= 12
+    assert {c["name"] for c in report["checks"]} >= {"server_ready", "models_endpoint", "chat[French].reasoning_nonempty",
+                                                     "chat[French].finish_reason", "stream.text_nonempty"}
+    for row in report["requests"]:
+        assert row["reasoning_content"] == REASONING  # the server's gpt-oss parser split the analysis channel off
+        assert row["finish_reason"] == "stop"
+    assert REASONING in report["stream"]["text"]
+    assert out.tokens_per_s > 0 and out.mean_latency_s > 0
+    assert "| chat[English].http_200 | pass |" in Path(out.report_md_path).read_text()
+    assert _server_gone(report) and _port_free(cfg.host, report["port"])
+    print(f"transformers serve ready in {out.startup_s} s; {out.tokens_per_s} completion tokens/s")
+
+
+@pytest.mark.integration
+def test_failed_check_raises_after_report_and_stops_server(merge_dir, tmp_path):
+    # The wired model always reasons in English: asking for French must fail the language check, and only that.
+    cfg = smoke.Config(backend="transformers", port=0, languages=["French"], max_tokens=48, check_language=True,
+                       startup_timeout_s=180, request_timeout_s=120)
+
+    with pytest.raises(RuntimeError, match=r"failed 1/\d+ checks: chat\[French\]\.reasoning_language; see .*report\.md"):
+        smoke.run(cfg, out_dir=tmp_path, inputs={"merge": merge_dir}, tracker=NullTracker())
+
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["num_failed"] == 1 and report["requests"][0]["detected_language"] == "en"
+    assert "**FAIL**" in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "server.log").stat().st_size > 0
+    assert _server_gone(report) and _port_free(cfg.host, report["port"])
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("overrides, message", [
+    ({"backend": "vllm"}, "smoke.backend='vllm' is unknown"),
+    ({"tp": 2}, "smoke.tp=2 needs smoke.backend=sglang"),
+    ({"served_model_name": "x"}, "names the model by its folder"),
+    ({"languages": ["Klingon"]}, "'Klingon' is not a known reasoning language"),
+    ({"check_language": True, "require_reasoning": False}, "set both or neither"),
+    ({"allowed_finish_reasons": ["eos"]}, "allowed_finish_reasons"),
+])
+def test_config_errors_name_the_field(overrides, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[")):
+        smoke.Config(**overrides)
+
+
+@pytest.mark.unit
+def test_sglang_command_uses_the_gpt_oss_parsers():
+    cfg = smoke.Config(backend="sglang", tp=8, served_model_name="reasoner", port=30000)
+    command = smoke.server_command(cfg, model_dir=Path("/m"), port=30000)
+    assert command[1:3] == ["-m", "sglang.launch_server"]
+    joined = " ".join(command)
+    assert "--model-path /m --served-model-name reasoner --tp 8" in joined
+    assert "--reasoning-parser gpt-oss --tool-call-parser gpt-oss" in joined
