@@ -63,23 +63,27 @@ def cmd_check(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     _quiet_third_parties()
-    parser = argparse.ArgumentParser(prog="finetune", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="finetune", description=__doc__.split("\n")[0],
+                                     epilog="Any profile key can follow as section.key=value, e.g. train.max_steps=10.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="the whole pipeline as one Prefect flow (default: the embedded tiny profile)")
     run.add_argument("--config", type=Path, default=profiles.DEFAULT_PROFILE)
     run.add_argument("--out", type=Path, default=Path("runs/latest"))
-    run.add_argument("overrides", nargs="*", metavar="section.key=value")
     step = sub.add_parser("step", help="one step into one out dir")
     step.add_argument("name", choices=contract.STEPS)
     step.add_argument("--config", type=Path, required=True)
     step.add_argument("--out", type=Path, required=True)
     step.add_argument("--input", action="append", default=[], metavar="UPSTREAM=DIR")
     step.add_argument("--parent-run-id", default="", help="MLflow parent run to nest this step's run under")
-    step.add_argument("overrides", nargs="*", metavar="section.key=value")
     check = sub.add_parser("check", help="load and validate a profile without running anything")
     check.add_argument("--config", type=Path, required=True)
-    check.add_argument("overrides", nargs="*", metavar="section.key=value")
-    args = parser.parse_args(argv)
+    # argparse cannot place a variable number of positionals after a subcommand's own positionals, so overrides
+    # are whatever is left over, and each must look like section.key=value.
+    args, rest = parser.parse_known_args(argv)
+    bad = [r for r in rest if r.startswith("-") or "=" not in r]
+    if bad:
+        parser.error(f"unrecognized argument {bad[0]!r} (overrides look like section.key=value)")
+    args.overrides = rest
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         {"run": cmd_run, "step": cmd_step, "check": cmd_check}[args.command](args)

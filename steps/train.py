@@ -1,0 +1,373 @@
+"""finetune step train --config configs/tiny-cpu.yaml --input harmony=DIR --out DIR2
+
+Fine-tune gpt-oss on the harmony step's tokens: LoRA on attention + expert parameters, or a full fine-tune, with
+TRL's SFTTrainer over PEFT; loss only where the harmony step's `assistant_masks` is 1. Checkpoints go to
+DIR2/checkpoints/checkpoint-N (resume=true continues from the newest complete one), the result to DIR2/model.
+"""
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from datasets import load_from_disk
+from peft import LoraConfig
+from transformers import AutoTokenizer, TrainerCallback
+from transformers.trainer_utils import SchedulerType
+from trl import SFTConfig, SFTTrainer
+
+from steps.contract import read_output
+from steps.model import DTYPES, ModelConfig, load_model, mask_packed_documents
+from steps.tracking import Tracker
+
+log = logging.getLogger("finetune")
+
+INPUTS = ("harmony",)
+EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")
+_COMPLETE_MARKER = "trainer_state.json"  # Trainer writes it last into a checkpoint folder
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    model: ModelConfig
+    """Injected from the profile's `model` section."""
+    router_aux_loss_coef: float
+    """Weight of the MoE load-balancing loss added to the LM loss (gpt-oss ships 0.9); 0 turns it off and with it
+    output_router_logits. The reference recipe trained without it (0), so it must be chosen explicitly."""
+    method: Literal["lora", "full"] = "lora"
+    """lora: train LoRA adapters on a frozen base; full: train every parameter."""
+    lora_r: int = 8
+    """LoRA rank."""
+    lora_alpha: int = 16
+    """LoRA scaling numerator (scale = alpha / r)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA input; must be 0 when expert parameters are targeted (PEFT cannot apply it there)."""
+    lora_target_modules: str | list[str] = "all-linear"
+    """Linear layers that get LoRA: "all-linear" (attention q/k/v/o; lm_head excluded) or a list of module names
+    (e.g. [q_proj, v_proj]); [] for experts only."""
+    lora_expert_layers: str | list[int] = "all"
+    """Layers whose expert weights (mlp.experts.gate_up_proj / down_proj) get LoRA via PEFT target_parameters:
+    "all" or layer indices (the reference recipe: [7, 15, 23]); [] for none."""
+    learning_rate: float = 2e-4
+    """Peak learning rate."""
+    lr_scheduler: str = "cosine_with_min_lr"
+    """transformers scheduler name (linear, cosine, cosine_with_min_lr, constant, constant_with_warmup, ...)."""
+    lr_scheduler_kwargs: dict = field(default_factory=lambda: {"min_lr_rate": 0.1})
+    """Extra scheduler arguments (cosine_with_min_lr needs min_lr_rate or min_lr)."""
+    warmup_ratio: float = 0.03
+    """Fraction of the optimizer steps spent warming the learning rate up from 0."""
+    num_epochs: float = 1.0
+    """Passes over the data; ignored when max_steps > 0."""
+    max_steps: int = -1
+    """Optimizer steps to run; -1 runs num_epochs."""
+    per_device_batch_size: int = 4
+    """Rows per micro-batch per device (with packing: packed rows of up to max_length tokens)."""
+    grad_accum_steps: int = 4
+    """Micro-batches per optimizer step."""
+    max_length: int = 2048
+    """Longest row in tokens (the packed row length when packing); a longer harmony row is an error, not truncated."""
+    device: Literal["cpu", "cuda"] = "cuda"
+    """Where to train."""
+    dtype: str = "bfloat16"
+    """Weight dtype: bfloat16 (with bf16 autocast) or float32. MXFP4 checkpoints are dequantized to it on load."""
+    attn_implementation: str = "eager"
+    """transformers attention kernel: eager (the reference recipe) or flex_attention (faster, compiles on first use);
+    gpt-oss's attention sinks rule out sdpa."""
+    packing: bool = False
+    """Pack rows into max_length sequences, padding-free (best-fit decreasing); documents do not attend to each other."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass: less memory, ~30% slower."""
+    use_liger_kernel: bool = False
+    """Liger's fused kernels (needs the liger-kernel package; TRL already fuses the LM head + cross-entropy)."""
+    save_steps: int = 100
+    """Write a checkpoint every this many optimizer steps (and always at the end)."""
+    num_checkpoints_kept: int = 2
+    """Older checkpoints beyond this many are deleted."""
+    resume: bool = False
+    """Continue from the newest complete checkpoint in the out dir (same data order); false deletes old checkpoints."""
+    seed: int = 42
+    """Seed of data order, LoRA initialisation and dropout."""
+    logging_steps: int = 1
+    """Log metrics (console and tracker) every this many optimizer steps."""
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"train.dtype={self.dtype!r} cannot be trained: gpt-oss checkpoints store experts in MXFP4, "
+                             "which takes no gradients, so they are dequantized on load; set train.dtype=bfloat16 (or float32)")
+        if self.attn_implementation == "sdpa":
+            raise ValueError("train.attn_implementation=sdpa does not support gpt-oss attention sinks; "
+                             "set train.attn_implementation=flex_attention (fast) or eager")
+        if self.attn_implementation == "flex_attention" and self.device == "cpu":
+            raise ValueError("train.attn_implementation=flex_attention cannot run gpt-oss attention sinks on CPU; "
+                             "set train.attn_implementation=eager for train.device=cpu")
+        if self.lr_scheduler not in {s.value for s in SchedulerType}:
+            raise ValueError(f"train.lr_scheduler={self.lr_scheduler!r} is unknown; choose one of "
+                             f"{', '.join(s.value for s in SchedulerType)}")
+        for name in ("lora_r", "lora_alpha", "per_device_batch_size", "grad_accum_steps", "max_length", "save_steps",
+                     "num_checkpoints_kept", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name}={getattr(self, name)} must be at least 1")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"train.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"train.max_steps={self.max_steps} must be positive, or -1 to run train.num_epochs")
+        if self.max_steps == -1 and self.num_epochs <= 0:
+            raise ValueError(f"train.num_epochs={self.num_epochs} must be positive (or set train.max_steps)")
+        if self.router_aux_loss_coef < 0:
+            raise ValueError(f"train.router_aux_loss_coef={self.router_aux_loss_coef} must be >= 0 (0 turns it off)")
+        if isinstance(self.lora_target_modules, str) and self.lora_target_modules != "all-linear":
+            raise ValueError(f"train.lora_target_modules={self.lora_target_modules!r}: use all-linear or a list of "
+                             "module names, e.g. [q_proj, k_proj, v_proj, o_proj]")
+        if isinstance(self.lora_expert_layers, str) and self.lora_expert_layers != "all":
+            raise ValueError(f"train.lora_expert_layers={self.lora_expert_layers!r}: use all or a list of layer "
+                             "indices, e.g. [7, 15, 23]")
+        if self.method == "lora" and self.lora_target_modules == [] and self.lora_expert_layers == []:
+            raise ValueError("train.lora_target_modules and train.lora_expert_layers are both empty: LoRA would train "
+                             "nothing; set train.lora_target_modules=all-linear")
+        if self.lora_dropout and self.lora_expert_layers != []:
+            raise ValueError(f"train.lora_dropout={self.lora_dropout} cannot apply to expert parameters; set "
+                             "train.lora_dropout=0 or train.lora_expert_layers=[]")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Output:
+    model_dir: str
+    """The trained result with its tokenizer: a PEFT adapter folder (lora) or a full model folder (full)."""
+    base_model: str
+    """What merge loads as the base: a folder relative to this step's out dir (model.name=random), else model.name."""
+    base_revision: str
+    method: str
+    num_steps: int
+    train_loss_first: float
+    train_loss_last: float
+    loss_curve: list
+    """[[step, loss], ...] at every logging step."""
+    tokens_per_s: float
+    peak_mem_gib: float
+    train_runtime_s: float
+
+
+def resolve(step_dir: Path, path: str) -> Path:
+    """A path an upstream Output recorded: relative ones are relative to that step's out dir."""
+    return Path(step_dir) / path if not Path(path).is_absolute() else Path(path)
+
+
+def last_complete_checkpoint(checkpoints_dir: Path) -> Path | None:
+    """The newest checkpoint-N holding trainer_state.json (written last, so one without it was cut off mid-save)."""
+    found = sorted(checkpoints_dir.glob("checkpoint-*"), key=lambda p: int(p.name.rpartition("-")[2]))
+    complete = [p for p in found if (p / _COMPLETE_MARKER).is_file()]
+    for partial in found:
+        if complete and partial not in complete and int(partial.name.rpartition("-")[2]) > int(complete[-1].name.rpartition("-")[2]):
+            log.info("train: removing %s, a checkpoint cut off mid-save", partial)
+            shutil.rmtree(partial)
+    return complete[-1] if complete else None
+
+
+def save_dir_atomic(out: Path, write) -> None:
+    """Call write(tmp_dir), then move tmp_dir to `out` so `out` is never half-written."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def peak_mem_gib(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class _Progress(TrainerCallback):
+    """Forwards every log to the tracker (loss, grad_norm, learning_rate, tokens/s, peak memory) and the console."""
+
+    def __init__(self, tracker: Tracker, device: str):
+        self.tracker, self.device = tracker, device
+        self.loss_curve: list[list[float]] = []
+        self.tokens_per_s: list[float] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start_s = self.last_s = time.perf_counter()
+        self.start_step, self.last_tokens = state.global_step, 0  # TRL counts num_tokens from 0 in each process
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if "loss" not in logs:  # the end-of-training summary log
+            return
+        now = time.perf_counter()
+        metrics = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if "num_tokens" in logs:
+            metrics["tokens_per_s"] = (logs["num_tokens"] - self.last_tokens) / max(now - self.last_s, 1e-9)
+            self.tokens_per_s.append(metrics["tokens_per_s"])
+            self.last_tokens, self.last_s = logs["num_tokens"], now
+        metrics["peak_mem_gib"] = peak_mem_gib(self.device)
+        self.tracker.log_metrics(metrics, step=state.global_step)
+        self.loss_curve.append([state.global_step, metrics["loss"]])
+        done = state.global_step - self.start_step
+        eta_s = (now - self.start_s) / max(done, 1) * (state.max_steps - state.global_step)
+        log.info("train: step %d/%d loss %.4f grad_norm %.3f lr %.2e %.0f tokens/s peak %.1f GiB ETA %.0f s",
+                 state.global_step, state.max_steps, metrics["loss"], metrics.get("grad_norm", math.nan),
+                 metrics.get("learning_rate", math.nan), metrics.get("tokens_per_s", math.nan),
+                 metrics["peak_mem_gib"], eta_s)
+
+
+def lora_config(cfg: Config, net) -> LoraConfig:
+    """LoRA on cfg's linear modules and expert parameters, after checking each names something in `net`."""
+    linear_names = sorted({name for name, m in net.named_modules() if isinstance(m, torch.nn.Linear)})
+    if cfg.lora_target_modules != "all-linear":
+        leaf_names = sorted({name.rpartition(".")[2] for name in linear_names})
+        missing = [t for t in cfg.lora_target_modules if not any(n == t or n.endswith(f".{t}") for n in linear_names)]
+        if missing:
+            raise ValueError(f"train.lora_target_modules: {missing} match no linear layer of this model; "
+                             f"it has {leaf_names} (or use all-linear)")
+    num_layers = net.config.num_hidden_layers
+    layers = range(num_layers) if cfg.lora_expert_layers == "all" else cfg.lora_expert_layers
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(f"train.lora_expert_layers: {bad} do not exist; this model has layers 0..{num_layers - 1}")
+    target_parameters = [f"layers.{i}.mlp.experts.{p}" for i in layers for p in EXPERT_PARAMETERS]
+    return LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
+        target_modules=cfg.lora_target_modules, target_parameters=target_parameters)
+
+
+def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Tracker) -> Output:
+    # --- Inputs: fail on bad input before loading a model ---
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device=cuda but this machine has no CUDA device; set train.device=cpu "
+                         "(tiny models only) or run on a GPU machine")
+    harmony = read_output(inputs["harmony"])
+    data_dir = resolve(inputs["harmony"], harmony["data_dir"])
+    tokenizer = AutoTokenizer.from_pretrained(resolve(inputs["harmony"], harmony["tokenizer_dir"]))
+    # datasets saves 0 rows as 0 shards, which load_from_disk cannot read back: look before loading.
+    is_empty = not json.loads((data_dir / "state.json").read_text())["_data_files"]
+    dataset = None if is_empty else load_from_disk(str(data_dir))
+    if dataset is None or len(dataset) == 0:
+        raise ValueError(f"the harmony dataset {data_dir} has no rows; check data.dataset and the harmony step's "
+                         "dropped-row counts in its manifest")
+    missing = {"input_ids", "assistant_masks"} - set(dataset.column_names)
+    if missing:
+        raise ValueError(f"the harmony dataset {data_dir} lacks column(s) {sorted(missing)}; re-run the harmony step")
+    dataset = dataset.select_columns(["input_ids", "assistant_masks"])
+    longest = max(len(ids) for ids in dataset["input_ids"])
+    if longest > cfg.max_length:
+        raise ValueError(f"train.max_length={cfg.max_length} < longest harmony row {longest:,} tokens; raise "
+                         f"train.max_length, or set harmony.max_length<={cfg.max_length} with harmony.overflow=drop|truncate")
+    num_loss_tokens = sum(sum(m) for m in dataset["assistant_masks"])
+    log.info("train: %d rows, %d tokens (%d with loss), longest %d", len(dataset),
+             sum(len(ids) for ids in dataset["input_ids"]), num_loss_tokens, longest)
+
+    # --- Model ---
+    net = load_model(cfg.model, vocab_size=len(tokenizer), dtype=cfg.dtype,
+                     attn_implementation=cfg.attn_implementation, device=cfg.device)
+    net.config.use_cache = False
+    if cfg.packing:
+        mask_packed_documents(net)
+    base_model, base_revision = cfg.model.name, cfg.model.revision
+    if cfg.model.name == "random":
+        # Random weights exist nowhere else: keep the exact base so merge can add the adapter to it.
+        def write_base(tmp: Path):
+            net.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        save_dir_atomic(out_dir / "base", write_base)
+        base_model, base_revision = "base", ""
+    peft_config = lora_config(cfg, net) if cfg.method == "lora" else None
+
+    # --- Checkpoints: resume from the newest complete one, or start clean ---
+    checkpoints_dir = out_dir / "checkpoints"
+    resume_from = last_complete_checkpoint(checkpoints_dir) if cfg.resume else None
+    if cfg.resume:
+        log.info("train: %s", f"resuming from {resume_from}" if resume_from else "resume=true but no checkpoint yet; starting fresh")
+    elif checkpoints_dir.exists():
+        log.info("train: resume=false, deleting the old checkpoints in %s", checkpoints_dir)
+        shutil.rmtree(checkpoints_dir)
+
+    # --- Train ---
+    args = SFTConfig(
+        output_dir=str(checkpoints_dir),
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        lr_scheduler_kwargs=cfg.lr_scheduler_kwargs,
+        warmup_steps=cfg.warmup_ratio,  # a float < 1 is a ratio of the total steps
+        num_train_epochs=cfg.num_epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.per_device_batch_size,
+        gradient_accumulation_steps=cfg.grad_accum_steps,
+        max_length=cfg.max_length,
+        packing=cfg.packing,
+        packing_strategy="bfd",  # padding-free: each document keeps its own positions, no cross-document attention
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        use_liger_kernel=cfg.use_liger_kernel,
+        router_aux_loss_coef=cfg.router_aux_loss_coef,
+        bf16=cfg.dtype == "bfloat16",
+        use_cpu=cfg.device == "cpu",
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.num_checkpoints_kept,
+        logging_steps=cfg.logging_steps,
+        seed=cfg.seed,
+        report_to="none",
+    )
+    progress = _Progress(tracker, cfg.device)
+    trainer = SFTTrainer(model=net, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=peft_config, callbacks=[progress])
+    if peft_config is not None:
+        trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in trainer.model.parameters())
+        log.info("train: LoRA trains %.2f M of %.1f M parameters", trainable / 1e6, total / 1e6)
+    if cfg.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if not progress.loss_curve:
+        raise ValueError(f"training logged no loss (train.logging_steps={cfg.logging_steps} > steps run "
+                         f"{trainer.state.global_step}); lower train.logging_steps")
+
+    # --- Save: the adapter (lora) or the whole model (full), with the tokenizer ---
+    def write_model(tmp: Path):
+        trainer.save_model(str(tmp))
+        tokenizer.save_pretrained(tmp)
+    save_dir_atomic(out_dir / "model", write_model)
+    tokens_per_s = progress.last_tokens / max(result.metrics["train_runtime"], 1e-9)
+    output = Output(
+        model_dir="model",
+        base_model=base_model,
+        base_revision=base_revision,
+        method=cfg.method,
+        num_steps=trainer.state.global_step,
+        train_loss_first=progress.loss_curve[0][1],
+        train_loss_last=progress.loss_curve[-1][1],
+        loss_curve=progress.loss_curve,
+        tokens_per_s=round(tokens_per_s, 1),
+        peak_mem_gib=round(peak_mem_gib(cfg.device), 3),
+        train_runtime_s=round(result.metrics["train_runtime"], 2),
+    )
+    tracker.log_metrics({"train_runtime_s": output.train_runtime_s, "train_tokens_per_s": output.tokens_per_s,
+                         "train_peak_mem_gib": output.peak_mem_gib})
+    _plot_loss(output.loss_curve, out_dir / "loss_curve.png")
+    tracker.log_artifact(out_dir / "loss_curve.png")
+    log.info("train: %d steps in %.0f s, loss %.4f -> %.4f, %.0f tokens/s, peak %.1f GiB; saved %s",
+             output.num_steps, output.train_runtime_s, output.train_loss_first, output.train_loss_last,
+             output.tokens_per_s, output.peak_mem_gib, out_dir / "model")
+    return output
+
+
+def _plot_loss(loss_curve: list, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([s for s, _ in loss_curve], [loss for _, loss in loss_curve])
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,140 @@
+"""The merge step on a tiny random gpt-oss: LoRA (attention + experts) folded in, logits checked, config fixed, reloaded."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraModel
+from safetensors.torch import load_file
+
+from steps import merge
+from steps.contract import write_json_atomic
+from steps.model import ModelConfig, load_model
+from steps.tokenizer import build_offline_tokenizer
+from steps.tracking import NullTracker
+
+pytestmark = pytest.mark.unit
+
+MODEL = ModelConfig(name="random", tokenizer="o200k-offline")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_offline_tokenizer()
+
+
+def _write_train_output(train_dir: Path, **output) -> Path:
+    write_json_atomic(train_dir / "manifest.json", {"output": output})
+    return train_dir
+
+
+@pytest.fixture(scope="module")
+def lora_train_dir(tmp_path_factory, tokenizer):
+    """A train step out dir: random base in base/, an adapter with non-zero B on attention and every expert in model/."""
+    train_dir = tmp_path_factory.mktemp("train")
+    net = load_model(MODEL, vocab_size=len(tokenizer), dtype="float32", attn_implementation="eager", device="cpu")
+    net.save_pretrained(train_dir / "base")
+    torch.manual_seed(1)
+    # init_lora_weights=False draws B at random too, so the adapter changes the logits from the first step.
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False,
+                        target_parameters=[f"layers.{i}.mlp.experts.{p}" for i in (0, 1) for p in ("gate_up_proj", "down_proj")])
+    peft_model = get_peft_model(net, config)
+    peft_model.save_pretrained(train_dir / "model")
+    tokenizer.save_pretrained(train_dir / "model")
+    return _write_train_output(train_dir, model_dir="model", base_model="base", base_revision="", method="lora")
+
+
+@pytest.fixture(scope="module")
+def merged_run(lora_train_dir, tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("merge")
+    cfg = merge.Config(model=MODEL, dtype="float32", probe_tolerance=1e-4)
+    return merge.run(cfg, out_dir=out_dir, inputs={"train": lora_train_dir}, tracker=NullTracker()), out_dir
+
+
+def test_merged_logits_equal_base_plus_adapter_experts_included(merged_run, lora_train_dir, tokenizer):
+    output, out_dir = merged_run
+    assert output.max_abs_logit_diff <= 1e-4 and output.reload_max_abs_logit_diff <= 1e-4
+    assert output.adapter_max_abs_logit_effect > 100 * 1e-4
+    base = load_file(lora_train_dir / "base" / "model.safetensors")
+    merged = load_file(out_dir / output.model_dir / "model.safetensors")
+    assert set(merged) == set(base)  # no LoRA or base_layer names left behind
+    for layer in (0, 1):
+        for name in ("mlp.experts.gate_up_proj", "mlp.experts.down_proj", "self_attn.q_proj.weight"):
+            key = f"model.layers.{layer}.{name}"
+            assert not torch.allclose(merged[key], base[key]), f"{key} was not merged"
+    for key in ("model.embed_tokens.weight", "model.layers.0.mlp.router.weight", "model.layers.0.self_attn.sinks"):
+        assert torch.equal(merged[key], base[key]), f"{key} is not a LoRA target but changed"
+
+    # The check that passed above is sensitive: the merged model is far from the base on the probe batch.
+    from transformers import AutoModelForCausalLM
+
+    ids = merge.probe_ids(tokenizer, 64)
+    base_logits = merge.logits_of(AutoModelForCausalLM.from_pretrained(lora_train_dir / "base", dtype=torch.float32), ids)
+    merged_logits = merge.logits_of(AutoModelForCausalLM.from_pretrained(out_dir / output.model_dir, dtype=torch.float32), ids)
+    assert (merged_logits - base_logits).abs().max() > 100 * 1e-4
+
+
+def test_merge_refuses_to_save_when_logits_differ(lora_train_dir, tmp_path, monkeypatch):
+    """A merge that loses the adapter (here: unload instead of merge) is caught before anything is saved."""
+    monkeypatch.setattr(LoraModel, "merge_and_unload", lambda self, **kwargs: self.unload())
+    cfg = merge.Config(model=MODEL, dtype="float32", probe_tolerance=1e-4)
+    with pytest.raises(ValueError, match=r"merged vs base\+adapter: max \|logit difference\| .* exceeds merge.probe_tolerance=0.0001"):
+        merge.run(cfg, out_dir=tmp_path, inputs={"train": lora_train_dir}, tracker=NullTracker())
+    assert not (tmp_path / "model").exists()
+
+
+def test_saved_folder_serves_reasoning(merged_run):
+    """Tokenizer, chat template and the gpt-oss response template travel with the model; use_cache is back on."""
+    from transformers import AutoTokenizer
+
+    output, out_dir = merged_run
+    model_dir = out_dir / output.model_dir
+    saved = AutoTokenizer.from_pretrained(model_dir)
+    assert "<|channel|>" in saved.chat_template
+    prompt = saved.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False)
+    parsed = saved.parse_response(
+        "<|channel|>analysis<|message|>Think first.<|end|><|start|>assistant<|channel|>final<|message|>Hello!<|return|>",
+        prefix=prompt)
+    assert parsed["thinking"] == "Think first." and parsed["content"] == "Hello!"
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["use_cache"] is True and config["architectures"] == ["GptOssForCausalLM"]
+    generation = json.loads((model_dir / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [200002, 200012]
+
+
+def test_architectures_keep_their_letters():
+    assert merge.fixed_architectures(["FSDPGptOssForCausalLM"]) == ["GptOssForCausalLM"]
+    assert merge.fixed_architectures(["GptOssForCausalLM"]) == ["GptOssForCausalLM"]
+    # lstrip removes any leading F/S/D/P characters, not the prefix: it would eat the S of "Something".
+    assert "FSDPSomethingForCausalLM".lstrip("FSDP") == "omethingForCausalLM"
+    assert merge.fixed_architectures(["FSDPSomethingForCausalLM"]) == ["SomethingForCausalLM"]
+
+
+def test_full_finetune_saved_under_fsdp_gets_its_architecture_fixed(tmp_path, tokenizer):
+    """A full fine-tune whose config.json says FSDPGptOssForCausalLM is re-saved as GptOssForCausalLM and reloads."""
+    train_dir = tmp_path / "train"
+    net = load_model(MODEL, vocab_size=len(tokenizer), dtype="float32", attn_implementation="eager", device="cpu")
+    net.save_pretrained(train_dir / "model")
+    tokenizer.save_pretrained(train_dir / "model")
+    config_path = train_dir / "model" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["architectures"] = ["FSDPGptOssForCausalLM"]
+    config_path.write_text(json.dumps(config))
+    _write_train_output(train_dir, model_dir="model", base_model="random", base_revision="", method="full")
+
+    output = merge.run(merge.Config(model=MODEL, dtype="float32", probe_tolerance=1e-4), out_dir=tmp_path / "merge",
+                       inputs={"train": train_dir}, tracker=NullTracker())
+    assert output.architectures == ["GptOssForCausalLM"]
+    assert json.loads((tmp_path / "merge" / "model" / "config.json").read_text())["architectures"] == ["GptOssForCausalLM"]
+    assert output.max_abs_logit_diff == 0.0 and output.reload_max_abs_logit_diff <= 1e-4
+    assert output.num_params == sum(p.numel() for p in net.parameters())
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"dtype": "mxfp4"}, "merge.dtype='mxfp4'"),
+    ({"probe_tolerance": 0.0}, "merge.probe_tolerance=0.0 must be positive"),
+])
+def test_config_rejects_bad_values(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        merge.Config(model=MODEL, **overrides)

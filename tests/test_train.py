@@ -1,0 +1,281 @@
+"""The train step on a tiny random gpt-oss (2 layers, hidden 64, 4 experts) with the real gpt-oss tokenizer, on CPU."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset, Features, List, Value
+from safetensors.torch import load_file
+
+from steps import train
+from steps.contract import write_json_atomic
+from steps.model import ModelConfig, load_model
+from steps.tokenizer import build_offline_tokenizer, offline_tokenizer_dir
+from steps.tracking import NullTracker
+
+pytestmark = pytest.mark.unit
+
+REPO = Path(__file__).resolve().parents[1]
+QA = [("What is 2+2?", "4"), ("Capital of France?", "Paris"), ("Color of the sky?", "Blue"),
+      ("Opposite of hot?", "Cold"), ("First letter of the alphabet?", "A"), ("Say hi", "Hi there"),
+      ("Largest planet?", "Jupiter"), ("Formula of water?", "H2O")]
+MODEL = {"name": "random", "tokenizer": "o200k-offline", "seed": 0}
+
+
+def write_harmony_dir(path: Path, rows: list[tuple[list[int], list[int]]]) -> Path:
+    """A harmony step out dir: a save_to_disk dataset (id, input_ids, assistant_masks) and the manifest naming it."""
+    features = Features({"id": Value("string"), "input_ids": List(Value("int32")), "assistant_masks": List(Value("int8"))})
+    Dataset.from_dict({"id": [str(i) for i in range(len(rows))], "input_ids": [r[0] for r in rows],
+                       "assistant_masks": [r[1] for r in rows]}, features=features).save_to_disk(str(path / "data"))
+    write_json_atomic(path / "manifest.json", {"output": {"data_dir": "data", "tokenizer_dir": str(offline_tokenizer_dir())}})
+    return path
+
+
+def qa_rows(num_rows: int) -> list[tuple[list[int], list[int]]]:
+    """Harmony-shaped rows of real gpt-oss token ids: the prompt masked out, the assistant's final answer trained."""
+    tokenizer = build_offline_tokenizer()
+    rows = []
+    for i in range(num_rows):
+        question, answer = QA[i % len(QA)]
+        prompt = tokenizer.encode(f"<|start|>user<|message|>{question}<|end|><|start|>assistant", add_special_tokens=False)
+        completion = tokenizer.encode(f"<|channel|>final<|message|>{answer}<|return|>", add_special_tokens=False)
+        rows.append((prompt + completion, [0] * len(prompt) + [1] * len(completion)))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def harmony_dir(tmp_path_factory):
+    return write_harmony_dir(tmp_path_factory.mktemp("harmony"), qa_rows(8))
+
+
+def train_kwargs(**overrides) -> dict:
+    kwargs = dict(router_aux_loss_coef=0.9, device="cpu", dtype="float32", attn_implementation="eager",
+                  max_steps=6, per_device_batch_size=4, grad_accum_steps=1, learning_rate=1e-2,
+                  lr_scheduler="constant", lr_scheduler_kwargs={}, warmup_ratio=0.0, max_length=64, save_steps=100,
+                  gradient_checkpointing=False, logging_steps=1, lora_r=4, lora_alpha=8)
+    return {**kwargs, **overrides}
+
+
+def train_config(**overrides) -> train.Config:
+    return train.Config(model=ModelConfig(**MODEL), **train_kwargs(**overrides))
+
+
+class RecordingTracker(NullTracker):
+    def __init__(self):
+        self.metrics: list[tuple[int | None, dict]] = []
+
+    def log_metrics(self, metrics, *, step=None):
+        self.metrics.append((step, dict(metrics)))
+
+
+@pytest.fixture(scope="module")
+def lora_run(harmony_dir, tmp_path_factory):
+    """One LoRA run (attention + experts of every layer); keeps the in-memory model to inspect frozen weights."""
+    captured = {}
+
+    def capture(*args, **kwargs):
+        captured["net"] = load_model(*args, **kwargs)
+        return captured["net"]
+
+    out_dir = tmp_path_factory.mktemp("lora")
+    tracker = RecordingTracker()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "load_model", capture)
+        output = train.run(train_config(), out_dir=out_dir, inputs={"harmony": harmony_dir}, tracker=tracker)
+    return output, out_dir, captured["net"], tracker
+
+
+def test_lora_loss_falls(lora_run):
+    output, _, _, _ = lora_run
+    assert output.num_steps == 6 and output.method == "lora"
+    assert output.train_loss_last < output.train_loss_first - 0.3, output.loss_curve
+
+
+def test_lora_trains_attention_and_expert_adapters_of_every_layer(lora_run):
+    output, out_dir, _, _ = lora_run
+    adapter = load_file(out_dir / output.model_dir / "adapter_model.safetensors")
+    lora_b = {k: v for k, v in adapter.items() if "lora_B" in k}
+    for layer in (0, 1):
+        for part in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                     "mlp.experts.lora_B", "mlp.experts.base_layer.lora_B"):  # down_proj and gate_up_proj wrappers
+            keys = [k for k in lora_b if f"layers.{layer}.{part}" in k]
+            assert keys, f"no LoRA on layers.{layer}.{part}: {sorted(lora_b)}"
+            # B starts at zero: non-zero means training changed it.
+            assert all(lora_b[k].abs().max() > 0 for k in keys), keys
+    config = json.loads((out_dir / output.model_dir / "adapter_config.json").read_text())
+    assert sorted(config["target_parameters"]) == sorted(
+        f"layers.{i}.mlp.experts.{p}" for i in (0, 1) for p in ("gate_up_proj", "down_proj"))
+    assert (out_dir / output.model_dir / "tokenizer.json").is_file()
+
+
+def test_lora_leaves_frozen_weights_bit_identical(lora_run):
+    output, out_dir, net, _ = lora_run
+    base = load_file(out_dir / output.base_model / "model.safetensors")
+    trained = {name.replace(".base_layer", ""): p.detach() for name, p in net.named_parameters() if "lora_" not in name}
+    assert set(trained) == set(base) and len(base) > 20
+    changed = [name for name, weight in base.items() if not torch.equal(weight, trained[name])]
+    assert changed == []
+    assert not any(p.requires_grad for name, p in net.named_parameters() if "lora_" not in name)
+
+
+def test_metrics_reach_the_tracker_every_step(lora_run):
+    output, out_dir, _, tracker = lora_run
+    per_step = [(step, m) for step, m in tracker.metrics if "loss" in m]
+    assert [step for step, _ in per_step] == list(range(1, 7))
+    for _, m in per_step:
+        assert {"loss", "grad_norm", "learning_rate", "tokens_per_s", "peak_mem_gib"} <= set(m)
+        assert m["tokens_per_s"] > 0 and m["peak_mem_gib"] > 0
+    assert [s for s, _ in output.loss_curve] == list(range(1, 7))
+    assert output.tokens_per_s > 0 and output.train_runtime_s > 0
+    assert (out_dir / "loss_curve.png").stat().st_size > 1000
+
+
+@pytest.fixture(scope="module")
+def full_run(harmony_dir, tmp_path_factory):
+    cfg = train_config(method="full", router_aux_loss_coef=0.0, per_device_batch_size=8, max_steps=4, learning_rate=3e-3)
+    out_dir = tmp_path_factory.mktemp("full")
+    return train.run(cfg, out_dir=out_dir, inputs={"harmony": harmony_dir}, tracker=NullTracker()), out_dir
+
+
+def test_full_finetune_loss_falls(full_run):
+    output, out_dir = full_run
+    assert output.method == "full" and output.num_steps == 4
+    assert output.train_loss_last < output.train_loss_first - 1.0, output.loss_curve
+    assert (out_dir / output.model_dir / "model.safetensors").is_file()
+
+
+# A wide initialisation makes the initial logits far from uniform, so the loss over prompt tokens differs clearly
+# from the loss over assistant tokens.
+WIDE_MODEL = {**MODEL, "random_shape": {"initializer_range": 0.3}}
+
+
+@pytest.fixture(scope="module")
+def first_step_runs(harmony_dir, tmp_path_factory):
+    """One step over all 8 rows in one batch, unpacked and packed: the logged loss is at the initial weights."""
+    runs = {}
+    for packing in (False, True):
+        cfg = train.Config(model=ModelConfig(**WIDE_MODEL), **train_kwargs(
+            method="full", router_aux_loss_coef=0.0, per_device_batch_size=8, max_steps=1, packing=packing))
+        out_dir = tmp_path_factory.mktemp(f"packing-{packing}")
+        runs[packing] = train.run(cfg, out_dir=out_dir, inputs={"harmony": harmony_dir}, tracker=NullTracker()), out_dir
+    return runs
+
+
+def test_masked_tokens_carry_no_loss(first_step_runs):
+    """The first step's loss is the cross-entropy over assistant-masked tokens only, not over every token."""
+    from transformers import AutoModelForCausalLM
+
+    output, out_dir = first_step_runs[False]
+    base = AutoModelForCausalLM.from_pretrained(out_dir / output.base_model, dtype=torch.float32).eval()
+    masked_sum = all_sum = 0.0
+    masked_count = all_count = 0
+    with torch.no_grad():
+        for ids, mask in qa_rows(8):
+            logits = base(input_ids=torch.tensor([ids])).logits[0, :-1]
+            nll = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="none")
+            keep = torch.tensor(mask[1:], dtype=torch.bool)
+            masked_sum += nll[keep].sum().item()
+            masked_count += int(keep.sum())
+            all_sum += nll.sum().item()
+            all_count += len(nll)
+    masked_loss, all_loss = masked_sum / masked_count, all_sum / all_count
+    assert abs(all_loss - masked_loss) > 0.1  # the check below can tell the two apart
+    assert output.train_loss_first == pytest.approx(masked_loss, abs=2e-3)
+
+
+def test_packing_matches_unpacked_loss(first_step_runs):
+    """Padding-free packing gives the same first-step loss as unpacked rows: packed documents don't attend to each other."""
+    unpacked, packed = first_step_runs[False][0], first_step_runs[True][0]
+    assert packed.train_loss_first == pytest.approx(unpacked.train_loss_first, abs=2e-3)
+
+
+_RUN_IN_SUBPROCESS = """
+import json, sys
+from pathlib import Path
+from steps import train
+from steps.model import ModelConfig
+from steps.tracking import NullTracker
+kwargs = json.loads(sys.argv[1])
+cfg = train.Config(model=ModelConfig(**kwargs.pop("model")), **kwargs)
+train.run(cfg, out_dir=Path(sys.argv[2]), inputs={"harmony": Path(sys.argv[3])}, tracker=NullTracker())
+"""
+
+
+def test_resume_after_kill_reaches_the_same_steps_and_losses(lora_run, harmony_dir, tmp_path):
+    """Kill a run (SIGKILL) after its first checkpoint, resume it: it ends at the same step with the same losses as
+    the uninterrupted run (same data order)."""
+    reference, _, _, _ = lora_run
+    out_dir = tmp_path / "train"
+    kwargs = {"model": MODEL, **train_kwargs(save_steps=2)}
+    proc = subprocess.Popen([sys.executable, "-c", _RUN_IN_SUBPROCESS, json.dumps(kwargs), str(out_dir), str(harmony_dir)],
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first_checkpoint = out_dir / "checkpoints" / "checkpoint-2" / "trainer_state.json"
+    deadline = time.monotonic() + 240
+    while not first_checkpoint.is_file():
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    assert not (out_dir / "model").exists(), "the run finished before it could be killed"
+    resumed_from = train.last_complete_checkpoint(out_dir / "checkpoints")
+    resumed_step = int(resumed_from.name.rpartition("-")[2])
+    assert 2 <= resumed_step < 6
+
+    output = train.run(train.Config(model=ModelConfig(**MODEL), **train_kwargs(save_steps=2, resume=True)),
+                       out_dir=out_dir, inputs={"harmony": harmony_dir}, tracker=NullTracker())
+    assert output.num_steps == 6
+    assert [s for s, _ in output.loss_curve] == list(range(resumed_step + 1, 7))
+    expected = dict((s, loss) for s, loss in reference.loss_curve)
+    for step, loss in output.loss_curve:
+        assert loss == pytest.approx(expected[step], abs=2e-3), (step, output.loss_curve, reference.loss_curve)
+
+
+# --- Bad input: each message names the field and the fix ---
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_requested_without_cuda(harmony_dir, tmp_path):
+    with pytest.raises(ValueError, match="train.device=cuda.*set train.device=cpu"):
+        train.run(train_config(device="cuda"), out_dir=tmp_path, inputs={"harmony": harmony_dir}, tracker=NullTracker())
+
+
+def test_empty_dataset(tmp_path):
+    empty = write_harmony_dir(tmp_path / "harmony", [])
+    with pytest.raises(ValueError, match="has no rows"):
+        train.run(train_config(), out_dir=tmp_path / "out", inputs={"harmony": empty}, tracker=NullTracker())
+
+
+def test_max_length_below_longest_row(harmony_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"train.max_length=8 < longest harmony row \d+ tokens.*harmony.overflow"):
+        train.run(train_config(max_length=8), out_dir=tmp_path, inputs={"harmony": harmony_dir}, tracker=NullTracker())
+
+
+def test_lora_target_that_matches_nothing_lists_what_exists(harmony_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"\['gate_proj'\] match no linear layer.*'q_proj'"):
+        train.run(train_config(lora_target_modules=["q_proj", "gate_proj"]), out_dir=tmp_path,
+                  inputs={"harmony": harmony_dir}, tracker=NullTracker())
+    with pytest.raises(ValueError, match=r"lora_expert_layers: \[7\] do not exist; this model has layers 0..1"):
+        train.run(train_config(lora_expert_layers=[0, 7]), out_dir=tmp_path,
+                  inputs={"harmony": harmony_dir}, tracker=NullTracker())
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"dtype": "mxfp4"}, "train.dtype='mxfp4'.*MXFP4.*set train.dtype=bfloat16"),
+    ({"attn_implementation": "sdpa"}, "sinks.*flex_attention"),
+    ({"attn_implementation": "flex_attention"}, "sinks on CPU; set train.attn_implementation=eager"),
+    ({"lora_dropout": 0.1}, "train.lora_dropout=0.1 cannot apply to expert parameters"),
+    ({"lora_target_modules": [], "lora_expert_layers": []}, "LoRA would train nothing"),
+    ({"lora_expert_layers": "some"}, "use all or a list of layer indices"),
+    ({"max_steps": 0}, "train.max_steps=0"),
+    ({"lr_scheduler": "cosine_wit_min_lr"}, "train.lr_scheduler='cosine_wit_min_lr' is unknown"),
+])
+def test_config_rejects_bad_values(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        train_config(**overrides)
