@@ -1,0 +1,70 @@
+"""`finetune run` on the embedded default, as a newcomer runs it: a real Prefect flow (ephemeral server), file-backed
+MLflow, every step for real, `transformers serve` answering in the requested reasoning languages. A first run that
+breaks in its last step leaves the finished steps' outputs in place, and the re-run resumes from there."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from mlflow import MlflowClient
+
+from steps.contract import STEPS
+from steps.profile import CONFIGS_DIR
+
+pytestmark = pytest.mark.integration
+REPO = CONFIGS_DIR.parent
+
+
+def finetune_run(out, *overrides, env):
+    return subprocess.run([sys.executable, "-m", "flows.cli", "run", "--out", str(out), *overrides],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=1800)
+
+
+def test_finetune_run_breaks_at_smoke_then_resumes(tmp_path):
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_LOGGING_LEVEL": "INFO"}
+    out = tmp_path / "run"
+
+    # A server that gets one second to start cannot be ready: the run fails in its last step.
+    broken = finetune_run(out, "smoke.startup_timeout_s=1", env=env)
+    assert broken.returncode != 0, broken.stdout[-3000:]
+    assert "smoke" in broken.stderr
+    for step in STEPS[:-1]:
+        assert (out / step / "manifest.json").is_file(), f"{step} finished but left no manifest"
+    assert not (out / "smoke" / "manifest.json").exists()
+    train_manifest = json.loads((out / "train" / "manifest.json").read_text())
+
+    resumed = finetune_run(out, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-5000:]
+    status = {line.split()[0]: line for line in resumed.stdout.splitlines() if line.startswith("  ") and line.split()[0] in STEPS}
+    for step in STEPS[:-1]:
+        assert "skipped" in status[step], resumed.stdout
+    assert " ran " in status["smoke"], resumed.stdout
+    assert json.loads((out / "train" / "manifest.json").read_text()) == train_manifest, "train must not run twice"
+
+    # The tiny model learned the fixture: it reasons in the language the system message asks for.
+    report = json.loads((out / "smoke" / "report.json").read_text())
+    smoke = json.loads((out / "smoke" / "manifest.json").read_text())["output"]
+    assert smoke["num_failed"] == 0 and smoke["num_checks"] > 0
+    languages = smoke["languages"]
+    assert set(languages) == {"English", "French", "Spanish", "German"}
+    for lang, result in languages.items():
+        assert result["passed"], (lang, result, report)
+
+    train = train_manifest["output"]
+    assert train["train_loss_last"] < 0.5 * train["train_loss_first"]
+
+    # MLflow: one parent run per pipeline run, a nested run per step that ran, metrics and artifacts in place.
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("gpt-oss-finetune-tiny")
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert [p.info.status for p in parents] == ["FAILED", "FINISHED"]
+    children = {p.info.run_id: {r.data.tags["step"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == p.info.run_id}
+                for p in parents}
+    first, second = (children[p.info.run_id] for p in parents)
+    assert set(first) == set(STEPS) and first["smoke"].info.status == "FAILED"
+    assert "loss" in first["train"].data.metrics and first["train"].data.params["train.method"] == "full"
+    assert second["smoke"].info.status == "FINISHED"
+    artifacts = {a.path for a in client.list_artifacts(second["smoke"].info.run_id)}
+    assert {"report.json", "report.md", "manifest.json"} <= artifacts
