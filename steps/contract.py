@@ -88,14 +88,20 @@ def execute(name: str, cfg, *, out_dir: Path, inputs: Mapping[str, Path] | None 
     out_dir = Path(out_dir)
     fp = fingerprint(name, cfg, inputs)
     manifest_path = out_dir / MANIFEST
-    if manifest_path.is_file():
+    # Under torchrun every rank executes the step (training is collective) and rank 0 alone records it.
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    try:
         old = json.loads(manifest_path.read_text())
+    except FileNotFoundError:  # never run, or rank 0 has just removed a stale manifest
+        old = None
+    if old is not None:
         if old.get("fingerprint") == fp:
             log.info("step %s: skipped, %s already holds a finished run with the same inputs (fingerprint %s)",
                      name, out_dir, fp[:12])
             return old, True
         log.info("step %s: inputs changed since the last run in %s; running again", name, out_dir)
-        manifest_path.unlink()
+        if is_main:
+            manifest_path.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
     tracker = tracker or NullTracker()
     tracker.log_params({f"{name}.{k}": v for k, v in _flatten(_jsonable(dataclasses.asdict(cfg))).items()})
@@ -112,6 +118,8 @@ def execute(name: str, cfg, *, out_dir: Path, inputs: Mapping[str, Path] | None 
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "duration_s": round(time.time() - started, 3),
     }
+    if not is_main:
+        return manifest, False
     write_json_atomic(manifest_path, manifest)
     tracker.log_artifact(manifest_path)
     log.info("step %s: done in %.1f s", name, manifest["duration_s"])
