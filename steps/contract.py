@@ -34,8 +34,16 @@ def read_manifest(step_dir: Path) -> dict:
 
 
 def read_output(step_dir: Path) -> dict:
-    """The `Output` (as a dict) that an upstream step recorded in its manifest."""
-    return read_manifest(step_dir)["output"]
+    """The `Output` (as a dict) that an upstream step recorded in its manifest.
+
+    Outputs record their files (fields named *_dir / *_path) relative to their own out dir, so a finished step's
+    folder can move (to another machine, into a container volume); here they come back as absolute paths.
+    """
+    output = read_manifest(step_dir)["output"]
+    for key, value in output.items():
+        if key.endswith(("_dir", "_path")) and isinstance(value, str) and value:
+            output[key] = str((Path(step_dir) / value).resolve())
+    return output
 
 
 def _jsonable(obj):

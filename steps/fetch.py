@@ -249,9 +249,9 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
     eval_path = ""
     if evals:
         _write_jsonl(out_dir / "eval.jsonl", evals)
-        eval_path = str(out_dir / "eval.jsonl")
+        eval_path = "eval.jsonl"
     tracker.log_metrics({"fetch.num_train": len(train), "fetch.num_eval": len(evals),
                          "fetch.num_dropped": sum(dropped.values())})
     log.info("fetch: %d train, %d eval rows written to %s", len(train), len(evals), out_dir)
-    return Output(train_path=str(train_path), eval_path=eval_path, num_train=len(train), num_eval=len(evals),
+    return Output(train_path=train_path.name, eval_path=eval_path, num_train=len(train), num_eval=len(evals),
                   num_dropped=dict(sorted(dropped.items())), dataset=source, revision=revision)

@@ -282,7 +282,7 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
     eval_dir = ""
     if "eval" in rendered and rendered["eval"]["id"]:
         _save_dataset(rendered["eval"], out_dir / "eval_data")
-        eval_dir = str(out_dir / "eval_data")
+        eval_dir = "eval_data"
     tokenizer_dir = out_dir / "tokenizer"
     tokenizer.save_pretrained(tokenizer_dir)
 
@@ -294,7 +294,7 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
                          "harmony.num_truncated": counts["truncated"], **{f"harmony.tokens_{k}": v for k, v in stats["all"].items()}})
     log.info("harmony: %d train rows, %d dropped and %d truncated over max_length=%d; tokens per row %s",
              len(rendered["train"]["id"]), counts["dropped_overflow"], counts["truncated"], cfg.max_length, stats["all"])
-    return Output(data_dir=str(data_dir), eval_data_dir=eval_dir, tokenizer_dir=str(tokenizer_dir),
+    return Output(data_dir=data_dir.name, eval_data_dir=eval_dir, tokenizer_dir=tokenizer_dir.name,
                   num_rows=len(rendered["train"]["id"]), num_eval_rows=len(rendered.get("eval", {"id": []})["id"]),
                   num_dropped_overflow=counts["dropped_overflow"], num_truncated=counts["truncated"],
-                  num_parity_checked=counts["parity_checked"], length_stats=stats, histogram_path=str(histogram))
+                  num_parity_checked=counts["parity_checked"], length_stats=stats, histogram_path=histogram.name)

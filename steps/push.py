@@ -168,4 +168,4 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
         log.info("push: uploaded %s at commit %s", url, commit)
     tracker.log_metrics({"push_num_bytes": num_bytes})
     return Output(repo_id=cfg.repo_id, dry_run=cfg.dry_run, files=files, num_bytes=num_bytes,
-                  model_card_path=str(card_path), upload_plan_path=str(plan_path), url=url, commit=commit)
+                  model_card_path=card_path.name, upload_plan_path=plan_path.name, url=url, commit=commit)

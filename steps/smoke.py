@@ -273,8 +273,6 @@ def _write_markdown(path: Path, report: dict) -> None:
 
 def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Tracker) -> Output:
     model_dir = Path(read_output(inputs["merge"])["model_dir"])
-    if not model_dir.is_absolute():
-        model_dir = inputs["merge"] / model_dir
     if not (model_dir / "config.json").is_file():
         raise ValueError(f"merge output {model_dir} holds no config.json; rerun the merge step (--out {inputs['merge']})")
     model_name = cfg.served_model_name or str(model_dir)
@@ -343,7 +341,7 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
         raise RuntimeError(f"smoke test failed {len(failed)}/{len(checks)} checks: {', '.join(failed)}; "
                            f"see {md_path} and {server_log}")
     return Output(
-        report_path=str(report_path), report_md_path=str(md_path), server_log_path=str(server_log),
+        report_path=report_path.name, report_md_path=md_path.name, server_log_path=server_log.name,
         num_checks=len(checks), num_failed=0, startup_s=startup_s, mean_latency_s=report["mean_latency_s"],
         tokens_per_s=report["tokens_per_s"],
         languages={r["language"]: {k: r.get(k) for k in ("passed", "finish_reason", "detected_language", "latency_s",

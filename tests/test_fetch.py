@@ -34,7 +34,8 @@ def test_bundled_fixture_counts_malformed_rows_by_reason(tmp_path):
     assert out.num_dropped == FIXTURE_DROPS
     assert out.num_train == len(_valid_rows()) >= 100 and out.num_eval == 0 and out.eval_path == ""
     assert out.revision.startswith("sha256:") and len(out.revision) == len("sha256:") + 64
-    kept = _read(out.train_path)
+    assert out.train_path == "train.jsonl", "outputs record files relative to the step's out dir"
+    kept = _read(tmp_path / "out" / out.train_path)
     assert [r["id"] for r in kept] == [r["id"] for r in _valid_rows()]
     assert {r["reasoning_effort"] for r in kept} == {None, "low", "medium", "high"}
     assert len({r["reasoning_language"] for r in kept}) >= 6
@@ -44,9 +45,9 @@ def test_split_is_deterministic_by_seed(tmp_path):
     a = _run(tmp_path / "a", dataset="bundled", eval_fraction=0.2, seed=7)
     b = _run(tmp_path / "b", dataset="bundled", eval_fraction=0.2, seed=7)
     c = _run(tmp_path / "c", dataset="bundled", eval_fraction=0.2, seed=8)
-    ids = lambda out: ([r["id"] for r in _read(out.train_path)], [r["id"] for r in _read(out.eval_path)])
-    assert ids(a) == ids(b) and ids(a) != ids(c)
-    train, evals = ids(a)
+    ids = lambda out, d: ([r["id"] for r in _read(d / "out" / out.train_path)], [r["id"] for r in _read(d / "out" / out.eval_path)])
+    assert ids(a, tmp_path / "a") == ids(b, tmp_path / "b") and ids(a, tmp_path / "a") != ids(c, tmp_path / "c")
+    train, evals = ids(a, tmp_path / "a")
     assert a.num_eval == len(evals) == round(0.2 * len(_valid_rows())) and not set(train) & set(evals)
 
 
@@ -58,7 +59,7 @@ def test_parquet_and_save_to_disk_give_the_same_rows_and_make_ids(tmp_path):
     datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "saved_dict"))
     outs = [_run(tmp_path / name, dataset=str(tmp_path / path))
             for name, path in (("p", "rows.parquet"), ("s", "saved"), ("d", "saved_dict"))]
-    kept = [_read(o.train_path) for o in outs]
+    kept = [_read(tmp_path / name / "out" / o.train_path) for name, o in zip("psd", outs)]
     assert kept[0] == kept[1] == kept[2] and len(kept[0]) == 20
     assert [r["id"] for r in kept[0]][:2] == ["row-000000", "row-000001"]
     assert kept[0][0]["messages"] == rows[0]["messages"]

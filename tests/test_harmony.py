@@ -132,7 +132,7 @@ def test_execute_writes_manifest_data_tokenizer_and_stats(fetched, rows, tmp_pat
     assert not skipped and (tmp_path / "manifest.json").is_file()
     out = manifest["output"]
     assert out["num_rows"] == len(rows) == out["num_parity_checked"]
-    ds = datasets.load_from_disk(out["data_dir"])
+    ds = datasets.load_from_disk(tmp_path / out["data_dir"])
     assert sorted(ds.column_names) == ["assistant_masks", "id", "input_ids"] and len(ds) == len(rows)
     assert all(len(a) == len(b) for a, b in zip(ds["input_ids"], ds["assistant_masks"]))
     assert (tmp_path / "tokenizer" / "tokenizer.json").is_file() and (tmp_path / "token_lengths.png").stat().st_size > 1000
@@ -152,7 +152,7 @@ def test_execute_writes_manifest_data_tokenizer_and_stats(fetched, rows, tmp_pat
 
 def test_overflow_policies(fetched, tmp_path):
     full = _run(fetched, tmp_path / "full")
-    lengths = [len(x) for x in datasets.load_from_disk(full.data_dir)["input_ids"]]
+    lengths = [len(x) for x in datasets.load_from_disk(tmp_path / "full" / full.data_dir)["input_ids"]]
     limit = sorted(lengths)[len(lengths) // 2]
     num_over = sum(n > limit for n in lengths)
     assert num_over > 0
@@ -162,7 +162,7 @@ def test_overflow_policies(fetched, tmp_path):
 
     cut = _run(fetched, tmp_path / "cut", max_length=limit, overflow="truncate")
     assert (cut.num_dropped_overflow, cut.num_truncated, cut.num_rows) == (0, num_over, len(lengths))
-    assert max(len(x) for x in datasets.load_from_disk(cut.data_dir)["input_ids"]) == limit
+    assert max(len(x) for x in datasets.load_from_disk(tmp_path / "cut" / cut.data_dir)["input_ids"]) == limit
 
     with pytest.raises(ValueError, match=r"harmony\.max_length=\d+; raise harmony\.max_length"):
         _run(fetched, tmp_path / "error", max_length=limit, overflow="error")

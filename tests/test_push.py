@@ -58,7 +58,7 @@ def test_dry_run_lists_files_and_writes_the_card(merge_dir, tmp_path, monkeypatc
     assert out.num_bytes == sum(sizes.values())
     plan = json.loads((out_dir / "upload_plan.json").read_text())
     assert plan["files"] == out.files and plan["private"] is True
-    card = Path(out.model_card_path).read_text()
+    card = (out_dir / out.model_card_path).read_text()
     for expected in ("base_model: openai/gpt-oss-20b", "datasets: [HuggingFaceH4/Multilingual-Thinking]",
                      "revision `6cee5e8`", "revision `c4f1b9a`", "| `learning_rate` | 0.0002 |", "| `lora_r` | 8 |",
                      "| `train_loss_last` | 0.93 |"):

@@ -88,7 +88,7 @@ def test_smoke_passes_against_transformers_serve(merge_dir, tmp_path):
 
     out = smoke.run(cfg, out_dir=tmp_path, inputs={"merge": merge_dir}, tracker=NullTracker())
 
-    report = json.loads(Path(out.report_path).read_text())
+    report = json.loads((tmp_path / out.report_path).read_text())
     assert out.num_failed == 0 and out.num_checks == report["num_checks"] >= 12
     assert {c["name"] for c in report["checks"]} >= {"server_ready", "models_endpoint", "chat[French].reasoning_nonempty",
                                                      "chat[French].finish_reason", "stream.text_nonempty"}
@@ -97,7 +97,7 @@ def test_smoke_passes_against_transformers_serve(merge_dir, tmp_path):
         assert row["finish_reason"] == "stop"
     assert REASONING in report["stream"]["text"]
     assert out.tokens_per_s > 0 and out.mean_latency_s > 0
-    assert "| chat[English].http_200 | pass |" in Path(out.report_md_path).read_text()
+    assert "| chat[English].http_200 | pass |" in (tmp_path / out.report_md_path).read_text()
     assert _server_gone(report) and _port_free(cfg.host, report["port"])
     print(f"transformers serve ready in {out.startup_s} s; {out.tokens_per_s} completion tokens/s")
 
