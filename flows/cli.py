@@ -36,14 +36,16 @@ def cmd_step(args) -> None:
     profile = profiles.load_profile(args.config, args.overrides)
     cfg = profiles.step_config(profile, args.name)
     tracking = profiles.tracking_config(profile)
-    if tracking.enabled and tracking.uri and args.parent_run_id:
+    is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 alone tracks and reports
+    if is_main and tracking.enabled and tracking.uri and args.parent_run_id:
         from flows.tracking import step_run
 
         with step_run(tracking.uri, args.parent_run_id, args.name) as tracker:
             manifest, _ = contract.execute(args.name, cfg, out_dir=args.out, inputs=_inputs(args.input), tracker=tracker)
     else:
         manifest, _ = contract.execute(args.name, cfg, out_dir=args.out, inputs=_inputs(args.input))
-    print(f"{args.name}: done, manifest at {Path(args.out) / contract.MANIFEST}")
+    if is_main:
+        print(f"{args.name}: done, manifest at {Path(args.out) / contract.MANIFEST}")
 
 
 def cmd_run(args) -> None:

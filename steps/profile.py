@@ -47,6 +47,17 @@ def _suggest(key: str, valid) -> str:
     return f"did you mean {close[0]!r}? " if close else ""
 
 
+def _parse_value(raw: str):
+    """A YAML value, except that 1e-4 is a float (YAML 1.1, as PyYAML reads it, wants 1.0e-4)."""
+    value = yaml.safe_load(raw) if raw else ""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
 def load_profile(path: str | Path, overrides: list[str] = ()) -> dict:
     """Read a profile (following `base:` to the profile it extends) and apply `section.key=value` overrides."""
     path = Path(path)
@@ -63,7 +74,7 @@ def load_profile(path: str | Path, overrides: list[str] = ()) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r}: {part!r} is a value, not a section")
-        node[leaf] = yaml.safe_load(raw) if raw else ""
+        node[leaf] = _parse_value(raw)
     unknown = [s for s in data if s not in SECTIONS]
     if unknown:
         raise ValueError(f"profile {path}: unknown section {unknown[0]!r}; {_suggest(unknown[0], SECTIONS)}sections are {', '.join(SECTIONS)}")

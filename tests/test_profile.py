@@ -49,3 +49,8 @@ def test_model_section_is_injected_and_checked():
 def test_missing_profile_lists_the_shipped_ones(tmp_path):
     with pytest.raises(ValueError, match="tiny-cpu.yaml"):
         profiles.load_profile(tmp_path / "nope.yaml")
+
+
+def test_scientific_notation_override_is_a_float():
+    prof = profiles.load_profile(profiles.DEFAULT_PROFILE, ["train.learning_rate=1e-4", "push.repo_id=org/name"])
+    assert prof["train"]["learning_rate"] == 1e-4 and prof["push"]["repo_id"] == "org/name"
