@@ -4,6 +4,7 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
+from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModelForCausalLM, GptOssConfig, GptOssForCausalLM, Mxfp4Config
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
@@ -92,8 +93,10 @@ def random_config(model: ModelConfig, *, vocab_size: int) -> GptOssConfig:
 
 
 def load_model(model: ModelConfig, *, vocab_size: int, dtype: str, attn_implementation: str,
-               device: str) -> GptOssForCausalLM:
+               device: str, empty_weights: bool = False) -> GptOssForCausalLM:
     """The model to train: random weights of `random_shape` seeded by model.seed, or a checkpoint in bf16/fp32.
+
+    empty_weights (name=random only): uninitialised placeholders, for FSDP ranks that receive rank 0's weights.
 
     gpt-oss Hub checkpoints store the experts in MXFP4; they are dequantized on load because the packed 4-bit
     experts take no gradients.
@@ -106,6 +109,16 @@ def load_model(model: ModelConfig, *, vocab_size: int, dtype: str, attn_implemen
         config = random_config(model, vocab_size=vocab_size)
         config._attn_implementation = attn_implementation
         torch.manual_seed(model.seed)
+        if empty_weights:
+            with init_empty_weights(include_buffers=False):  # buffers (rotary inv_freq) are not handed over: real
+                net = GptOssForCausalLM._from_config(config, dtype=torch_dtype)
+            # Distinct, untouched host allocations: accelerate maps optimizer parameters by address, and the pages
+            # cost no memory until rank 0's shards are written into them.
+            for module in net.modules():
+                for name, param in module.named_parameters(recurse=False):
+                    setattr(module, name, torch.nn.Parameter(torch.empty_like(param, device=device),
+                                                             requires_grad=param.requires_grad))
+            return net
         # Build on the target device: a full-size model in fp32 would not fit in host memory first.
         with torch.device(device):
             net = GptOssForCausalLM._from_config(config, dtype=torch_dtype)

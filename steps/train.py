@@ -12,15 +12,20 @@ import resource
 import shutil
 import time
 from collections.abc import Mapping
+from contextlib import ExitStack, contextmanager
+from unittest import mock
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType
 from datasets import load_from_disk
 from peft import LoraConfig
 from transformers import AutoTokenizer, TrainerCallback
 from transformers.trainer_utils import SchedulerType
+import trl.trainer.utils as trl_utils
 from trl import SFTConfig, SFTTrainer
 
 from steps.contract import read_output
@@ -96,6 +101,13 @@ class Config:
     """Seed of data order, LoRA initialisation and dropout."""
     logging_steps: int = 1
     """Log metrics (console and tracker) every this many optimizer steps."""
+    fsdp: bool = False
+    """Shard parameters, gradients and optimizer state over every process with FSDP2 (one unit per decoder layer);
+    launch with `torchrun --nproc-per-node N -m flows.cli step train …`. Rank 0 alone loads the weights and hands
+    each rank its shard; checkpoints are sharded, the final model is one consolidated folder."""
+    fsdp_cpu_offload: bool = False
+    """With fsdp: keep the sharded parameters, gradients and optimizer state in host memory, moving each layer to the
+    GPU only while it computes (slower; for models whose shards do not fit, e.g. gpt-oss-120b on 8 x 80 GB)."""
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -131,6 +143,11 @@ class Config:
         if self.method == "lora" and self.lora_target_modules == [] and self.lora_expert_layers == []:
             raise ValueError("train.lora_target_modules and train.lora_expert_layers are both empty: LoRA would train "
                              "nothing; set train.lora_target_modules=all-linear")
+        if self.fsdp_cpu_offload and not self.fsdp:
+            raise ValueError("train.fsdp_cpu_offload=true needs train.fsdp=true (offload moves FSDP shards to the host)")
+        if self.fsdp_cpu_offload and self.device == "cpu":
+            raise ValueError("train.fsdp_cpu_offload=true with train.device=cpu: the shards already live in host memory "
+                             "(and torch's offload needs a GPU); set train.fsdp_cpu_offload=false")
         if self.lora_dropout and self.lora_expert_layers != []:
             raise ValueError(f"train.lora_dropout={self.lora_dropout} cannot apply to expert parameters; set "
                              "train.lora_dropout=0 or train.lora_expert_layers=[]")
@@ -170,11 +187,17 @@ def last_complete_checkpoint(checkpoints_dir: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
-def save_dir_atomic(out: Path, write) -> None:
-    """Call write(tmp_dir), then move tmp_dir to `out` so `out` is never half-written."""
+def save_dir_atomic(out: Path, write, *, is_main: bool = True) -> None:
+    """Call write(tmp_dir), then move tmp_dir to `out` so `out` is never half-written.
+
+    Under torchrun every rank calls write (a sharded model is gathered collectively); only rank 0 touches the folders.
+    """
     tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
     write(tmp)
+    if not is_main:
+        return
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
@@ -218,6 +241,92 @@ class _Progress(TrainerCallback):
                  metrics["peak_mem_gib"], eta_s)
 
 
+# Label positions per LM-head tile on CPU: 32 x 201k fp32 logits (26 MiB) stay under glibc's 32 MiB mmap threshold, so
+# the tile and its temporaries are reused from the heap instead of being mapped, zeroed and unmapped on every use.
+CPU_LM_HEAD_ROWS = 32
+
+
+class _CpuLogProbs(torch.autograd.Function):
+    """TRL's ChunkedLogProbFunction for the plain CPU case (no bias, softcap, logit scale or temperature), in fewer
+    passes over the logits: log p(target) by logsumexp, entropy and is-top-1 (metrics only, no gradient), and a
+    backward that recomputes each tile and turns it into the logits gradient in place."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, outputs):
+        num_rows = hidden.shape[0]
+        h, w = hidden.float(), weight.float()  # a no-op in fp32; bf16 autocast runs the head in fp32, like TRL's fp32 accumulation
+        log_z = h.new_empty(num_rows)
+        logprobs, entropy = torch.empty_like(log_z), torch.empty_like(log_z)
+        is_top1 = torch.empty(num_rows, dtype=torch.bool)
+        for start in range(0, num_rows, CPU_LM_HEAD_ROWS):
+            rows = slice(start, start + CPU_LM_HEAD_ROWS)
+            logits = h[rows] @ w.t()
+            log_z[rows] = torch.logsumexp(logits, -1)
+            logprobs[rows] = logits.gather(1, targets[rows, None]).squeeze(1) - log_z[rows]
+            if "is_top1" in outputs:  # argmax takes the first maximum, as TRL's kernel does
+                is_top1[rows] = logits.argmax(-1) == targets[rows]
+            if "entropy" in outputs:
+                log_p = logits.sub_(log_z[rows, None])
+                entropy[rows] = -(log_p.exp() * log_p).sum(-1)
+        ctx.save_for_backward(hidden, weight, targets, log_z)
+        ctx.mark_non_differentiable(entropy, is_top1)
+        return logprobs, entropy if "entropy" in outputs else None, is_top1 if "is_top1" in outputs else None
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, *_):
+        hidden, weight, targets, log_z = ctx.saved_tensors
+        h, w = hidden.float(), weight.float()
+        grad_hidden, grad_weight = torch.zeros_like(h), torch.zeros_like(w)
+        for start in range(0, h.shape[0], CPU_LM_HEAD_ROWS):
+            rows = slice(start, start + CPU_LM_HEAD_ROWS)
+            grad = (h[rows] @ w.t()).sub_(log_z[rows, None]).exp_()  # softmax
+            grad[torch.arange(grad.shape[0]), targets[rows]] -= 1
+            grad.mul_(-grad_logprobs[rows, None])  # d(g * log p_target)/dz = g * (onehot - p)
+            grad_hidden[rows] = grad @ w
+            grad_weight.addmm_(grad.t(), h[rows])
+        return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None, None
+
+
+class _CpuChunkedLogProbs:
+    """Stands in for trl.kernels.ChunkedLogProbFunction while training on CPU: _CpuLogProbs where it applies, TRL's
+    own function otherwise (a bias, softcapping, logit scale, temperature or other requested outputs)."""
+
+    trl_function = trl_utils._ChunkedLogProbFunction
+
+    @classmethod
+    def apply(cls, hidden, weight, bias, targets, temperature, chunk_size, softcap=None, logit_scale=1.0,
+              outputs=("log_probs",)):
+        if (hidden.device.type != "cpu" or bias is not None or softcap is not None or logit_scale != 1.0
+                or temperature != 1.0 or not set(outputs) <= {"log_probs", "entropy", "is_top1"}):
+            return cls.trl_function.apply(hidden, weight, bias, targets, temperature, chunk_size, softcap, logit_scale,
+                                          outputs)
+        logprobs, entropy, is_top1 = _CpuLogProbs.apply(hidden, weight, targets, tuple(outputs))
+        return logprobs, entropy, None, None, is_top1
+
+
+@contextmanager
+def _cpu_lm_head(device: str):
+    """On CPU, make TRL's fused LM head score only the label positions, with fewer passes over the logits.
+
+    TRL 1.16's fused head (trl/trainer/utils.py add_fused_lm_head, which SFTTrainer installs) scores only the
+    positions with a label where `_use_triton(device)` holds (CUDA/XPU); elsewhere it projects every position through
+    the whole vocabulary, because on Neuron a varying number of positions would recompile the graph. Eager CPU has no
+    graph to recompile, so the compact path is exact there too, and with gpt-oss's 201k vocabulary it skips the ~60% of
+    positions without loss (prompt, padding). Its torch fallback for devices without Triton then makes ~25 passes
+    over 32k-column tiles of 100+ MiB (mapped and unmapped each time: most of a CPU step was kernel time);
+    _CpuLogProbs makes ~8 over small tiles. The fused forward looks both names up at call time, so they are
+    patched for the duration of training only; GPU runs never enter here.
+    """
+    if device != "cpu":
+        yield
+        return
+    use_triton = trl_utils._use_triton
+    with ExitStack() as stack:
+        stack.enter_context(mock.patch.object(trl_utils, "_use_triton", lambda dev: dev.type == "cpu" or use_triton(dev)))
+        stack.enter_context(mock.patch.object(trl_utils, "_ChunkedLogProbFunction", _CpuChunkedLogProbs))
+        yield
+
+
 def lora_config(cfg: Config, net) -> LoraConfig:
     """LoRA on cfg's linear modules and expert parameters, after checking each names something in `net`."""
     linear_names = sorted({name for name, m in net.named_modules() if isinstance(m, torch.nn.Linear)})
@@ -243,6 +352,22 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("train.device=cuda but this machine has no CUDA device; set train.device=cpu "
                          "(tiny models only) or run on a GPU machine")
+    # Under torchrun every rank runs this function: training is collective, files are rank 0's alone.
+    is_main, local_rank = int(os.environ.get("RANK", "0")) == 0, int(os.environ.get("LOCAL_RANK", "0"))
+    if "WORLD_SIZE" in os.environ:
+        # NVLink multicast (NCCL's NVLS, torch symmetric memory, NVSHMEM) stays off: on shared hosts a program using
+        # it can put every GPU of the host out of service for a day or more. Set before the process group starts.
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+        os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+        os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
+    if cfg.fsdp:
+        if "WORLD_SIZE" not in os.environ:
+            raise ValueError("train.fsdp=true needs a distributed launch: run torchrun --nproc-per-node N -m flows.cli "
+                             "step train … (N = GPUs), or set train.fsdp=false for one device")
+        # What `accelerate launch` would set: FSDP on, and with offload a gloo group beside NCCL for the host-side
+        # shards; transformers' from_pretrained then loads the weights on local rank 0 only (placeholders elsewhere).
+        os.environ["ACCELERATE_USE_FSDP"] = "true"
+        os.environ["FSDP_OFFLOAD_PARAMS"] = str(cfg.fsdp_cpu_offload).lower()
     harmony = read_output(inputs["harmony"])
     data_dir = resolve(inputs["harmony"], harmony["data_dir"])
     tokenizer = AutoTokenizer.from_pretrained(resolve(inputs["harmony"], harmony["tokenizer_dir"]))
@@ -264,32 +389,8 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
     log.info("train: %d rows, %d tokens (%d with loss), longest %d", len(dataset),
              sum(len(ids) for ids in dataset["input_ids"]), num_loss_tokens, longest)
 
-    # --- Model ---
-    net = load_model(cfg.model, vocab_size=len(tokenizer), dtype=cfg.dtype,
-                     attn_implementation=cfg.attn_implementation, device=cfg.device)
-    net.config.use_cache = False
-    if cfg.packing:
-        mask_packed_documents(net)
-    base_model, base_revision = cfg.model.name, cfg.model.revision
-    if cfg.model.name == "random":
-        # Random weights exist nowhere else: keep the exact base so merge can add the adapter to it.
-        def write_base(tmp: Path):
-            net.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-        save_dir_atomic(out_dir / "base", write_base)
-        base_model, base_revision = "base", ""
-    peft_config = lora_config(cfg, net) if cfg.method == "lora" else None
-
-    # --- Checkpoints: resume from the newest complete one, or start clean ---
+    # --- Training arguments: built first, since they start the process group that loading under FSDP needs ---
     checkpoints_dir = out_dir / "checkpoints"
-    resume_from = last_complete_checkpoint(checkpoints_dir) if cfg.resume else None
-    if cfg.resume:
-        log.info("train: %s", f"resuming from {resume_from}" if resume_from else "resume=true but no checkpoint yet; starting fresh")
-    elif checkpoints_dir.exists():
-        log.info("train: resume=false, deleting the old checkpoints in %s", checkpoints_dir)
-        shutil.rmtree(checkpoints_dir)
-
-    # --- Train ---
     args = SFTConfig(
         output_dir=str(checkpoints_dir),
         learning_rate=cfg.learning_rate,
@@ -303,7 +404,9 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
         max_length=cfg.max_length,
         packing=cfg.packing,
         packing_strategy="bfd",  # padding-free: each document keeps its own positions, no cross-document attention
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        # Under FSDP, FSDP's own activation checkpointing (per wrapped layer) replaces the Trainer's, which would
+        # all-gather each layer's weights a second time in the backward pass.
+        gradient_checkpointing=cfg.gradient_checkpointing and not cfg.fsdp,
         use_liger_kernel=cfg.use_liger_kernel,
         router_aux_loss_coef=cfg.router_aux_loss_coef,
         bf16=cfg.dtype == "bfloat16",
@@ -314,7 +417,57 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
         logging_steps=cfg.logging_steps,
         seed=cfg.seed,
         report_to="none",
+        fsdp=cfg.fsdp,
+        fsdp_config={
+            "version": 2,
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "transformer_layer_cls_to_wrap": ["GptOssDecoderLayer"],
+            "reshard_after_forward": True,  # full shard (ZeRO-3)
+            "cpu_offload": cfg.fsdp_cpu_offload,
+            "activation_checkpointing": cfg.gradient_checkpointing,
+            "cpu_ram_efficient_loading": True,  # rank 0 holds the loaded weights, the others get their shards
+            "state_dict_type": "SHARDED_STATE_DICT",  # checkpoints: one file per rank; the final save is gathered
+        } if cfg.fsdp else None,
     )
+
+    # --- Model ---
+    # Under FSDP only local rank 0 materialises the weights, in host memory, and accelerate hands each GPU its shard
+    # (no GPU holds a full copy); the other ranks hold placeholders: from_pretrained makes them itself
+    # (FSDP_CPU_RAM_EFFICIENT_LOADING), a random model gets empty ones.
+    net = load_model(cfg.model, vocab_size=len(tokenizer), dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
+                     device="cpu" if cfg.fsdp else cfg.device, empty_weights=cfg.fsdp and local_rank != 0)
+    net.config.use_cache = False
+    if cfg.packing:
+        mask_packed_documents(net)
+    base_model, base_revision = cfg.model.name, cfg.model.revision
+    peft_config = lora_config(cfg, net) if cfg.method == "lora" else None
+
+    # Rank 0 tidies the out dir first; the other ranks then find it as rank 0 left it.
+    with args.main_process_first(local=False, desc="train: out dir"):
+        if cfg.model.name == "random":
+            # Random weights exist nowhere else: keep the exact base so merge can add the adapter to it.
+            def write_base(tmp: Path):
+                net.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+            if is_main:
+                save_dir_atomic(out_dir / "base", write_base)
+            base_model, base_revision = "base", ""
+
+        # --- Checkpoints: resume from the newest complete one, or start clean ---
+        resume_from = last_complete_checkpoint(checkpoints_dir) if cfg.resume else None
+        if cfg.resume:
+            log.info("train: %s", f"resuming from {resume_from}" if resume_from else "resume=true but no checkpoint yet; starting fresh")
+        elif checkpoints_dir.exists():
+            log.info("train: resume=false, deleting the old checkpoints in %s", checkpoints_dir)
+            shutil.rmtree(checkpoints_dir)
+
+    # --- Train ---
+    if cfg.fsdp and cfg.device == "cpu":
+        # accelerate 1.15 turns FSDP on only for GPU-like process groups: AcceleratorState drops the FSDP plugin of
+        # a MULTI_CPU run and the Trainer silently trains DDP, though torch's fully_shard runs on CPU over gloo.
+        # Filing the process group as multi-device before the Trainer builds its Accelerator gives CPU runs (the
+        # tiny profiles, the tests) the same sharded path as GPUs; the device stays the CPU.
+        PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
     progress = _Progress(tracker, cfg.device)
     trainer = SFTTrainer(model=net, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config, callbacks=[progress])
@@ -324,16 +477,23 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
         log.info("train: LoRA trains %.2f M of %.1f M parameters", trainable / 1e6, total / 1e6)
     if cfg.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    with _cpu_lm_head(cfg.device):
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if not progress.loss_curve:
         raise ValueError(f"training logged no loss (train.logging_steps={cfg.logging_steps} > steps run "
                          f"{trainer.state.global_step}); lower train.logging_steps")
 
     # --- Save: the adapter (lora) or the whole model (full), with the tokenizer ---
+    if trainer.is_fsdp_enabled:
+        # Checkpoints stay sharded (fast to write, resumable on the same world size); the result is gathered
+        # into one ordinary folder that merge and from_pretrained load. Gathering is collective: every rank saves.
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+
     def write_model(tmp: Path):
         trainer.save_model(str(tmp))
-        tokenizer.save_pretrained(tmp)
-    save_dir_atomic(out_dir / "model", write_model)
+        if is_main:
+            tokenizer.save_pretrained(tmp)
+    save_dir_atomic(out_dir / "model", write_model, is_main=is_main)
     tokens_per_s = progress.last_tokens / max(result.metrics["train_runtime"], 1e-9)
     output = Output(
         model_dir="model",
@@ -350,8 +510,9 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
     )
     tracker.log_metrics({"train_runtime_s": output.train_runtime_s, "train_tokens_per_s": output.tokens_per_s,
                          "train_peak_mem_gib": output.peak_mem_gib})
-    _plot_loss(output.loss_curve, out_dir / "loss_curve.png")
-    tracker.log_artifact(out_dir / "loss_curve.png")
+    if is_main:
+        _plot_loss(output.loss_curve, out_dir / "loss_curve.png")
+        tracker.log_artifact(out_dir / "loss_curve.png")
     log.info("train: %d steps in %.0f s, loss %.4f -> %.4f, %.0f tokens/s, peak %.1f GiB; saved %s",
              output.num_steps, output.train_runtime_s, output.train_loss_first, output.train_loss_last,
              output.tokens_per_s, output.peak_mem_gib, out_dir / "model")
