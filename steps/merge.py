@@ -18,7 +18,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl.chat_template_utils import add_response_schema
 
 from steps.contract import read_output
-from steps.model import DTYPES, ModelConfig, load_model
+from steps.model import ModelConfig
+from steps.modeling import DTYPES, load_model
 from steps.tracking import Tracker
 from steps.train import resolve, save_dir_atomic
 

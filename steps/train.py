@@ -29,7 +29,8 @@ import trl.trainer.utils as trl_utils
 from trl import SFTConfig, SFTTrainer
 
 from steps.contract import read_output
-from steps.model import DTYPES, ModelConfig, load_model, mask_packed_documents
+from steps.model import ModelConfig
+from steps.modeling import DTYPES, load_model, mask_packed_documents
 from steps.tracking import Tracker
 
 log = logging.getLogger("finetune")

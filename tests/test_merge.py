@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 from steps import merge
 from steps.contract import write_json_atomic
-from steps.model import ModelConfig, load_model
+from steps.model import ModelConfig
+from steps.modeling import load_model
 from steps.tokenizer import build_offline_tokenizer
 from steps.tracking import NullTracker
 

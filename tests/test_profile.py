@@ -54,3 +54,14 @@ def test_missing_profile_lists_the_shipped_ones(tmp_path):
 def test_scientific_notation_override_is_a_float():
     prof = profiles.load_profile(profiles.DEFAULT_PROFILE, ["train.learning_rate=1e-4", "push.repo_id=org/name"])
     assert prof["train"]["learning_rate"] == 1e-4 and prof["push"]["repo_id"] == "org/name"
+
+
+def test_loading_a_profile_does_not_import_torch():
+    """The CPU steps' image and every `finetune check` should not pay for (or need) torch to read a profile."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from steps import profile as p; p.step_config(p.load_profile(p.DEFAULT_PROFILE), 'fetch'); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=profiles.CONFIGS_DIR.parent)
+    assert out.stdout.strip() == "False", out.stderr

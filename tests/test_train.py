@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from steps import train
 from steps.contract import write_json_atomic
-from steps.model import ModelConfig, load_model
+from steps.model import ModelConfig
+from steps.modeling import load_model
 from steps.tokenizer import build_offline_tokenizer, offline_tokenizer_dir
 from steps.tracking import NullTracker
 
