@@ -8,6 +8,9 @@ through TRL's SFTTrainer + PEFT LoRA, for a fixed number of optimizer steps afte
 (one object per configuration, rewritten after each) and DIR/parity.json. A no-training parity check first computes the
 loss of the same rows eager/padded, flex/padded and flex/packed with the same weights (the proof that packing keeps
 documents apart), with a negative control that packs without resetting positions.
+Configuration `step` is (b): our own train step (steps/train.py through steps.contract.execute) with the
+configs/h100-lora.yaml profile, on the same rows written as a harmony step out dir, with --tokenizer-dir's tokenizer
+(the offline o200k one; build it where bpe-openai is installed: steps.tokenizer.offline_tokenizer_dir()).
 Not a test: it needs a GPU for the real shape; --tiny runs the same code path on a CPU to shake out bugs.
 """
 import argparse
@@ -339,6 +342,109 @@ def run_config(name, spec, shape, rows, device, warmup_steps, timed_steps, seed,
     return result
 
 
+def write_harmony_dir(rows, tokenizer_dir, out):
+    """The rows as a harmony step out dir (what the train step reads): data/ (id, input_ids, assistant_masks),
+    manifest.json whose output names data_dir and tokenizer_dir, and a fingerprint of the rows."""
+    import hashlib
+
+    from datasets import Dataset
+
+    out = Path(out)
+    Dataset.from_dict({k: [r[k] for r in rows] for k in ("id", "input_ids", "assistant_masks")}).save_to_disk(
+        str(out / "data"))
+    digest = hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+    manifest = {"step": "harmony", "fingerprint": digest,
+                "output": {"data_dir": "data", "eval_data_dir": "", "tokenizer_dir": str(Path(tokenizer_dir).resolve()),
+                           "num_rows": len(rows)}}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return out
+
+
+def run_train_step(rows, device, warmup_steps, timed_steps, tokenizer_dir, profile, extra_overrides):
+    """(b): steps/train.py itself, via the step contract, with `profile` (the h100-lora one) on a random model.
+
+    Timing: a tracker records the host clock (after cuda synchronize) and TRL's cumulative num_tokens at each logged
+    optimizer step; tokens/s is over the steps after the warm-up, as for the other configurations.
+    """
+    from steps import contract
+    from steps.profile import load_profile, step_config
+
+    class StepClock:  # steps.tracking.Tracker
+        def __init__(self):
+            self.at = {}  # step -> (seconds, num_tokens, loss, grad_norm)
+
+        def log_params(self, params):
+            pass
+
+        def log_metrics(self, metrics, *, step=None):
+            if step is not None and "loss" in metrics:
+                sync(device)
+                self.at[step] = (time.perf_counter(), metrics.get("num_tokens"), metrics["loss"], metrics.get("grad_norm"))
+
+        def log_artifact(self, path):
+            pass
+
+    total = warmup_steps + timed_steps
+    overrides = [
+        "model.name=random", f"model.tokenizer={Path(tokenizer_dir).resolve()}", "model.seed=42",
+        "model.random_shape={preset: %s}" % ("tiny" if device != "cuda" else "gpt-oss-20b"),
+        f"train.max_steps={total}", f"train.save_steps={total}", "train.logging_steps=1",
+        # Random weights exist nowhere else, so the step would save them (42 GB) for merge; a benchmark has no merge.
+        "train.save_random_base=false",
+    ]
+    if device != "cuda":  # --tiny: what a CPU can run of the profile
+        overrides += ["train.device=cpu", "train.dtype=float32", "train.attn_implementation=eager",
+                      "train.use_liger_kernel=false", "train.lora_expert_layers=all"]  # the tiny preset has 2 layers
+    overrides += list(extra_overrides)
+    cfg = step_config(load_profile(profile, overrides), "train")
+    root = Path(tempfile.mkdtemp(prefix="bench-step-"))
+    harmony = write_harmony_dir(rows, tokenizer_dir, root / "harmony")
+    clock = StepClock()
+    reset_peak(device)
+    log(f"step: {profile} with {' '.join(overrides)}")
+    t0 = time.perf_counter()
+    error = None
+    try:
+        manifest, _ = contract.execute("train", cfg, out_dir=root / "train", inputs={"harmony": harmony}, tracker=clock)
+    except torch.OutOfMemoryError as e:
+        error = f"OutOfMemoryError: {str(e).splitlines()[0]}"
+        manifest = None
+    peak = peak_gib(device)
+    t = cfg
+    result = {"name": "step", "profile": str(profile), "overrides": overrides, "attn": t.attn_implementation,
+              "packing": t.packing, "max_length": t.max_length, "per_device_batch": t.per_device_batch_size,
+              "grad_accum": t.grad_accum_steps, "grad_ckpt": t.gradient_checkpointing, "liger": t.use_liger_kernel,
+              "device": device_name(device), "wall_incl_load_s": round(time.perf_counter() - t0, 1),
+              "peak_gib": peak and round(peak, 2)}
+    steps = sorted(clock.at)
+    if error is None and len(steps) <= warmup_steps:
+        error = f"only {len(steps)} optimizer steps logged (warm-up {warmup_steps})"
+    if error is not None:
+        result["error"] = error
+        return result
+    out = manifest["output"]
+    w, last = steps[warmup_steps - 1], steps[-1]
+    secs = clock.at[last][0] - clock.at[w][0]
+    tok = clock.at[last][1] - clock.at[w][1]
+    n_timed = last - w
+    result.update({
+        "steps_done": out["num_steps"], "timed_steps": n_timed,
+        # from the call (model build, data, trainer set-up) to the end of optimizer step 1 (flex/Liger compile)
+        "first_step_s": round(clock.at[steps[0]][0] - t0, 2),
+        "step_s": round(secs / n_timed, 3), "tokens_timed": tok,
+        "tokens_per_s": round(tok / secs, 1), "tokens_per_step": round(tok / n_timed, 1),
+        "epoch_min_est": round(sum(len(r["input_ids"]) for r in rows) / (tok / secs) / 60, 2),
+        "loss_by_step": {s: clock.at[s][2] for s in steps}, "grad_norm_by_step": {s: clock.at[s][3] for s in steps},
+        "step_output": {k: out[k] for k in ("num_steps", "tokens_per_s", "peak_mem_gib", "train_runtime_s",
+                                             "train_loss_first", "train_loss_last", "base_model")},
+        "model_freed": True,  # the step returned; its trainer and model went out of scope with it
+    })
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
 def device_name(device):
     return torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
 
@@ -358,7 +464,14 @@ def main():
     ap.add_argument("--parity-dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--recompile-limit", type=int, default=64,
                     help="torch._dynamo recompile limit (default 8 is exhausted by flex attention's mask closures)")
+    ap.add_argument("--tokenizer-dir", help="tokenizer folder for configuration `step` (default: the offline o200k "
+                    "one, built here if bpe-openai is installed)")
+    ap.add_argument("--step-profile", default=str(Path(__file__).resolve().parents[1] / "configs" / "h100-lora.yaml"))
+    ap.add_argument("--step-override", action="append", default=[], help="extra section.key=value for `step`")
     a = ap.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the steps package
+    logging.basicConfig(format="[%(asctime)s] %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("finetune").setLevel(logging.INFO)
     t_start = time.perf_counter()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -425,8 +538,16 @@ def main():
             log(f"skip {name}: {elapsed:.0f}s elapsed > deadline {a.deadline_s:.0f}s")
             summary["configs"][name] = {"skipped": f"deadline ({elapsed:.0f}s elapsed)"}
             continue
-        log(f"=== {name} {CONFIGS[name]}")
-        res = run_config(name, CONFIGS[name], shape, rows, device, a.warmup_steps, a.timed_steps, 42, tokenizer)
+        if name == "step":
+            log(f"=== step (our train step, {a.step_profile})")
+            if a.tokenizer_dir is None:
+                from steps.tokenizer import offline_tokenizer_dir
+                a.tokenizer_dir = str(offline_tokenizer_dir())
+            res = run_train_step(rows, device, a.warmup_steps, a.timed_steps, a.tokenizer_dir, a.step_profile,
+                                 a.step_override)
+        else:
+            log(f"=== {name} {CONFIGS[name]}")
+            res = run_config(name, CONFIGS[name], shape, rows, device, a.warmup_steps, a.timed_steps, 42, tokenizer)
         res["wall_s"] = round(time.perf_counter() - t_start - elapsed, 1)
         res["recompile_limit_hits_so_far"] = list(recompiles.hits)
         log(json.dumps(res))

@@ -103,6 +103,9 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
     ids = probe_ids(tokenizer, cfg.num_probe_tokens)
 
     if trained["method"] == "lora":
+        if not trained["base_model"]:
+            raise ValueError(f"{inputs['train']} trained LoRA on a random base it did not save (train.save_random_base=false); "
+                             "re-run train with train.save_random_base=true to merge it")
         base_dir = Path(inputs["train"]) / trained["base_model"]
         base_name = str(base_dir) if base_dir.is_dir() else trained["base_model"]
         base = load_model(ModelConfig(name=base_name, revision=trained["base_revision"] or "main"),

@@ -109,8 +109,16 @@ class Config:
     fsdp_cpu_offload: bool = False
     """With fsdp: keep the sharded parameters, gradients and optimizer state in host memory, moving each layer to the
     GPU only while it computes (slower; for models whose shards do not fit, e.g. gpt-oss-120b on 8 x 80 GB)."""
+    save_random_base: bool = True
+    """model.name=random only: save the random base weights to DIR2/base, which merge needs to add a LoRA adapter to
+    (42 GB at the gpt-oss-20b shape); false skips that for benchmarks, and leaves nothing to merge into."""
 
     def __post_init__(self):
+        if self.fsdp and self.method == "lora" and self.gradient_checkpointing:
+            # PEFT 0.21.2 finds adapter weights by module name and strips FSDP's wrapper prefix but not the activation
+            # checkpoint wrapper's, so it saves an empty adapter (seen on 2 x H200 and on CPU).
+            raise ValueError("train.method=lora with train.fsdp=true and train.gradient_checkpointing=true saves an empty "
+                             "adapter (PEFT 0.21.2); set train.gradient_checkpointing=false")
         if self.dtype not in DTYPES:
             raise ValueError(f"train.dtype={self.dtype!r} cannot be trained: gpt-oss checkpoints store experts in MXFP4, "
                              "which takes no gradients, so they are dequantized on load; set train.dtype=bfloat16 (or float32)")
@@ -159,7 +167,8 @@ class Output:
     model_dir: str
     """The trained result with its tokenizer: a PEFT adapter folder (lora) or a full model folder (full)."""
     base_model: str
-    """What merge loads as the base: a folder relative to this step's out dir (model.name=random), else model.name."""
+    """What merge loads as the base: a folder relative to this step's out dir (model.name=random), else model.name;
+    empty when train.save_random_base=false left the random base unsaved."""
     base_revision: str
     method: str
     num_steps: int
@@ -432,6 +441,12 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
     )
 
     # --- Model ---
+    if cfg.attn_implementation == "flex_attention":
+        # Flex attention compiles per mask function; with dynamo's default recompile_limit (8) the limit runs out in
+        # the first steps and flex then runs uncompiled, silently: ~3x slower, with full score matrices in memory
+        # (out of memory on packed 8k rows; bench/README.md).
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 512)
     # Under FSDP only local rank 0 materialises the weights, in host memory, and accelerate hands each GPU its shard
     # (no GPU holds a full copy); the other ranks hold placeholders: from_pretrained makes them itself
     # (FSDP_CPU_RAM_EFFICIENT_LOADING), a random model gets empty ones.
@@ -445,7 +460,9 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
 
     # Rank 0 tidies the out dir first; the other ranks then find it as rank 0 left it.
     with args.main_process_first(local=False, desc="train: out dir"):
-        if cfg.model.name == "random":
+        if cfg.model.name == "random" and not cfg.save_random_base:
+            base_model, base_revision = "", ""
+        elif cfg.model.name == "random":
             # Random weights exist nowhere else: keep the exact base so merge can add the adapter to it.
             def write_base(tmp: Path):
                 net.save_pretrained(tmp)
@@ -495,6 +512,11 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
         if is_main:
             tokenizer.save_pretrained(tmp)
     save_dir_atomic(out_dir / "model", write_model, is_main=is_main)
+    if trainer.is_fsdp_enabled:
+        # Over NCCL the other ranks only queue their part of the gather, then run on and exit while rank 0 still
+        # receives the weights: on 2 x H200 rank 1 exited and rank 0 stalled in the gather (bench/README.md). Gloo
+        # collectives block, so the CPU runs never showed it.
+        trainer.accelerator.wait_for_everyone()
     tokens_per_s = progress.last_tokens / max(result.metrics["train_runtime"], 1e-9)
     output = Output(
         model_dir="model",

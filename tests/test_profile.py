@@ -65,3 +65,9 @@ def test_loading_a_profile_does_not_import_torch():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=profiles.CONFIGS_DIR.parent)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_lora_under_fsdp_with_activation_checkpointing_is_refused():
+    prof = profiles.load_profile(profiles.CONFIGS_DIR / "8xh100-fsdp2.yaml", ["train.method=lora"])
+    with pytest.raises(ValueError, match="saves an empty adapter .*set train.gradient_checkpointing=false"):
+        profiles.step_config(prof, "train")
