@@ -280,3 +280,17 @@ def test_lora_target_that_matches_nothing_lists_what_exists(harmony_dir, tmp_pat
 def test_config_rejects_bad_values(overrides, message):
     with pytest.raises(ValueError, match=message):
         train_config(**overrides)
+
+
+@pytest.mark.unit
+def test_out_of_memory_names_the_knobs(monkeypatch, harmony_dir, tmp_path):
+    """An OOM inside training becomes a message that says which profile keys to turn."""
+    import transformers
+
+    def oom(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 15.35 GiB")
+
+    monkeypatch.setattr(transformers.Trainer, "train", oom)
+    with pytest.raises(RuntimeError, match=r"train\.per_device_batch_size=4 x train\.max_length=64: lower either"):
+        train.run(train_config(max_steps=1), out_dir=tmp_path / "train", inputs={"harmony": harmony_dir},
+                  tracker=NullTracker())
