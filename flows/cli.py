@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized argument {bad[0]!r} (overrides look like section.key=value)")
     args.overrides = rest
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request to the Prefect API drowns progress
     try:
         {"run": cmd_run, "step": cmd_step, "check": cmd_check}[args.command](args)
     except ValueError as e:
