@@ -21,7 +21,7 @@ from steps.contract import read_output
 from steps.model import ModelConfig
 from steps.modeling import DTYPES, load_model
 from steps.tracking import Tracker
-from steps.train import resolve, save_dir_atomic
+from steps.train import save_dir_atomic
 
 log = logging.getLogger("finetune")
 
@@ -98,7 +98,7 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("merge.device=cuda but this machine has no CUDA device; set merge.device=cpu")
     trained = read_output(inputs["train"])
-    trained_dir = resolve(inputs["train"], trained["model_dir"])
+    trained_dir = Path(trained["model_dir"])
     tokenizer = AutoTokenizer.from_pretrained(trained_dir)
     ids = probe_ids(tokenizer, cfg.num_probe_tokens)
 

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from steps.contract import read_manifest, write_json_atomic
+from steps.contract import read_manifest, read_output, write_json_atomic
 from steps.tracking import Tracker
 
 log = logging.getLogger("finetune")
@@ -138,9 +138,7 @@ def _push(cfg: Config, *, model_dir: Path, card_path: Path, token: str) -> tuple
 
 def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Tracker) -> Output:
     manifests = upstream_manifests(inputs["merge"])
-    model_dir = Path(manifests["merge"]["output"]["model_dir"])
-    if not model_dir.is_absolute():
-        model_dir = inputs["merge"] / model_dir
+    model_dir = Path(read_output(inputs["merge"])["model_dir"])
     token = os.environ.get(cfg.token_env, "")
     if not cfg.dry_run and not token:
         raise ValueError(f"set {cfg.token_env} to a Hugging Face token with write access to {cfg.repo_id.split('/')[0]} "

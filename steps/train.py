@@ -181,11 +181,6 @@ class Output:
     train_runtime_s: float
 
 
-def resolve(step_dir: Path, path: str) -> Path:
-    """A path an upstream Output recorded: relative ones are relative to that step's out dir."""
-    return Path(step_dir) / path if not Path(path).is_absolute() else Path(path)
-
-
 def last_complete_checkpoint(checkpoints_dir: Path) -> Path | None:
     """The newest checkpoint-N holding trainer_state.json (written last, so one without it was cut off mid-save)."""
     found = sorted(checkpoints_dir.glob("checkpoint-*"), key=lambda p: int(p.name.rpartition("-")[2]))
@@ -379,8 +374,8 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
         os.environ["ACCELERATE_USE_FSDP"] = "true"
         os.environ["FSDP_OFFLOAD_PARAMS"] = str(cfg.fsdp_cpu_offload).lower()
     harmony = read_output(inputs["harmony"])
-    data_dir = resolve(inputs["harmony"], harmony["data_dir"])
-    tokenizer = AutoTokenizer.from_pretrained(resolve(inputs["harmony"], harmony["tokenizer_dir"]))
+    data_dir = Path(harmony["data_dir"])
+    tokenizer = AutoTokenizer.from_pretrained(harmony["tokenizer_dir"])
     # datasets saves 0 rows as 0 shards, which load_from_disk cannot read back: look before loading.
     is_empty = not json.loads((data_dir / "state.json").read_text())["_data_files"]
     dataset = None if is_empty else load_from_disk(str(data_dir))
