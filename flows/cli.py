@@ -36,7 +36,7 @@ def cmd_step(args) -> None:
     profile = profiles.load_profile(args.config, args.overrides)
     cfg = profiles.step_config(profile, args.name)
     tracking = profiles.tracking_config(profile)
-    is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 alone tracks and reports
+    is_main = contract.is_main_process()  # under torchrun, rank 0 alone tracks and reports
     if is_main and tracking.enabled and tracking.uri and args.parent_run_id:
         from flows.tracking import step_run
 

@@ -20,6 +20,11 @@ MANIFEST = "manifest.json"
 _VERSIONED = ("torch", "transformers", "trl", "peft", "datasets", "openai-harmony", "huggingface-hub")
 
 
+def is_main_process() -> bool:
+    """Rank 0 under torchrun (or a plain single process): the one that records, tracks and reports."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def step_module(name: str):
     if name not in STEPS:
         raise ValueError(f"unknown step {name!r}; choose one of {', '.join(STEPS)}")
@@ -97,7 +102,7 @@ def execute(name: str, cfg, *, out_dir: Path, inputs: Mapping[str, Path] | None 
     fp = fingerprint(name, cfg, inputs)
     manifest_path = out_dir / MANIFEST
     # Under torchrun every rank executes the step (training is collective) and rank 0 alone records it.
-    is_main = int(os.environ.get("RANK", "0")) == 0
+    is_main = is_main_process()
     try:
         old = json.loads(manifest_path.read_text())
     except FileNotFoundError:  # never run, or rank 0 has just removed a stale manifest

@@ -28,7 +28,7 @@ from transformers.trainer_utils import SchedulerType
 import trl.trainer.utils as trl_utils
 from trl import SFTConfig, SFTTrainer
 
-from steps.contract import read_output
+from steps.contract import is_main_process, read_output
 from steps.model import ModelConfig
 from steps.modeling import DTYPES, load_model, mask_packed_documents
 from steps.tracking import Tracker
@@ -358,7 +358,7 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
         raise ValueError("train.device=cuda but this machine has no CUDA device; set train.device=cpu "
                          "(tiny models only) or run on a GPU machine")
     # Under torchrun every rank runs this function: training is collective, files are rank 0's alone.
-    is_main, local_rank = int(os.environ.get("RANK", "0")) == 0, int(os.environ.get("LOCAL_RANK", "0"))
+    is_main, local_rank = is_main_process(), int(os.environ.get("LOCAL_RANK", "0"))
     if "WORLD_SIZE" in os.environ:
         # NVLink multicast (NCCL's NVLS, torch symmetric memory, NVSHMEM) stays off: on shared hosts a program using
         # it can put every GPU of the host out of service for a day or more. Set before the process group starts.
