@@ -360,11 +360,14 @@ def write_harmony_dir(rows, tokenizer_dir, out):
     return out
 
 
-def run_train_step(rows, device, warmup_steps, timed_steps, tokenizer_dir, profile, extra_overrides):
+def run_train_step(name, rows, device, warmup_steps, timed_steps, tokenizer_dir, profile, extra_overrides,
+                   profile_to=None):
     """(b): steps/train.py itself, via the step contract, with `profile` (the h100-lora one) on a random model.
 
     Timing: a tracker records the host clock (after cuda synchronize) and TRL's cumulative num_tokens at each logged
     optimizer step; tokens/s is over the steps after the warm-up, as for the other configurations.
+    profile_to: a file; one more optimizer step runs after the timed ones under torch.profiler, whose table of
+    kernels by GPU time is written there (that step is not timed).
     """
     from steps import contract
     from steps.profile import load_profile, step_config
@@ -372,6 +375,7 @@ def run_train_step(rows, device, warmup_steps, timed_steps, tokenizer_dir, profi
     class StepClock:  # steps.tracking.Tracker
         def __init__(self):
             self.at = {}  # step -> (seconds, num_tokens, loss, grad_norm)
+            self.prof = None
 
         def log_params(self, params):
             pass
@@ -379,12 +383,22 @@ def run_train_step(rows, device, warmup_steps, timed_steps, tokenizer_dir, profi
         def log_metrics(self, metrics, *, step=None):
             if step is not None and "loss" in metrics:
                 sync(device)
-                self.at[step] = (time.perf_counter(), metrics.get("num_tokens"), metrics["loss"], metrics.get("grad_norm"))
+                self.at[step] = (time.perf_counter(), metrics.get("num_tokens"), metrics["loss"], metrics.get("grad_norm"),
+                                 metrics.get("mfu"))
+                if profile_to and step == warmup_steps + timed_steps:
+                    self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
+                                                                   torch.profiler.ProfilerActivity.CPU])
+                    self.prof.start()
+                elif self.prof is not None:
+                    self.prof.stop()
+                    table = self.prof.key_averages().table(sort_by="cuda_time_total", row_limit=60, max_name_column_width=90)
+                    Path(profile_to).write_text(table)
+                    self.prof = None
 
         def log_artifact(self, path):
             pass
 
-    total = warmup_steps + timed_steps
+    total = warmup_steps + timed_steps + (1 if profile_to else 0)
     overrides = [
         "model.name=random", f"model.tokenizer={Path(tokenizer_dir).resolve()}", "model.seed=42",
         "model.random_shape={preset: %s}" % ("tiny" if device != "cuda" else "gpt-oss-20b"),
@@ -411,7 +425,7 @@ def run_train_step(rows, device, warmup_steps, timed_steps, tokenizer_dir, profi
         manifest = None
     peak = peak_gib(device)
     t = cfg
-    result = {"name": "step", "profile": str(profile), "overrides": overrides, "attn": t.attn_implementation,
+    result = {"name": name, "profile": str(profile), "overrides": overrides, "attn": t.attn_implementation,
               "packing": t.packing, "max_length": t.max_length, "per_device_batch": t.per_device_batch_size,
               "grad_accum": t.grad_accum_steps, "grad_ckpt": t.gradient_checkpointing, "liger": t.use_liger_kernel,
               "device": device_name(device), "wall_incl_load_s": round(time.perf_counter() - t0, 1),
@@ -423,7 +437,7 @@ def run_train_step(rows, device, warmup_steps, timed_steps, tokenizer_dir, profi
         result["error"] = error
         return result
     out = manifest["output"]
-    w, last = steps[warmup_steps - 1], steps[-1]
+    w, last = steps[warmup_steps - 1], steps[min(len(steps), warmup_steps + timed_steps) - 1]
     secs = clock.at[last][0] - clock.at[w][0]
     tok = clock.at[last][1] - clock.at[w][1]
     n_timed = last - w
@@ -435,6 +449,8 @@ def run_train_step(rows, device, warmup_steps, timed_steps, tokenizer_dir, profi
         "tokens_per_s": round(tok / secs, 1), "tokens_per_step": round(tok / n_timed, 1),
         "epoch_min_est": round(sum(len(r["input_ids"]) for r in rows) / (tok / secs) / 60, 2),
         "loss_by_step": {s: clock.at[s][2] for s in steps}, "grad_norm_by_step": {s: clock.at[s][3] for s in steps},
+        "mfu_by_step": {s: clock.at[s][4] for s in steps},
+        "profile_table": profile_to and str(profile_to),
         "step_output": {k: out[k] for k in ("num_steps", "tokens_per_s", "peak_mem_gib", "train_runtime_s",
                                              "train_loss_first", "train_loss_last", "base_model")},
         "model_freed": True,  # the step returned; its trainer and model went out of scope with it
@@ -468,7 +484,14 @@ def main():
                     "one, built here if bpe-openai is installed)")
     ap.add_argument("--step-profile", default=str(Path(__file__).resolve().parents[1] / "configs" / "h100-lora.yaml"))
     ap.add_argument("--step-override", action="append", default=[], help="extra section.key=value for `step`")
+    ap.add_argument("--step-variant", action="append", default=[], metavar="NAME=K=V;K=V",
+                    help="a configuration NAME (usable in --configs) = `step` with these extra overrides")
+    ap.add_argument("--profile", default="", help="comma-separated configurations to profile one extra step of")
     a = ap.parse_args()
+    variants = {}
+    for v in a.step_variant:
+        vname, _, spec = v.partition("=")
+        variants[vname] = [o for o in spec.split(";") if o]
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the steps package
     logging.basicConfig(format="[%(asctime)s] %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("finetune").setLevel(logging.INFO)
@@ -538,13 +561,14 @@ def main():
             log(f"skip {name}: {elapsed:.0f}s elapsed > deadline {a.deadline_s:.0f}s")
             summary["configs"][name] = {"skipped": f"deadline ({elapsed:.0f}s elapsed)"}
             continue
-        if name == "step":
-            log(f"=== step (our train step, {a.step_profile})")
+        if name == "step" or name in variants:
+            log(f"=== {name} (our train step, {a.step_profile} {variants.get(name, [])})")
             if a.tokenizer_dir is None:
                 from steps.tokenizer import offline_tokenizer_dir
                 a.tokenizer_dir = str(offline_tokenizer_dir())
-            res = run_train_step(rows, device, a.warmup_steps, a.timed_steps, a.tokenizer_dir, a.step_profile,
-                                 a.step_override)
+            profile_to = out / f"profile-{name}.txt" if name in a.profile.split(",") else None
+            res = run_train_step(name, rows, device, a.warmup_steps, a.timed_steps, a.tokenizer_dir, a.step_profile,
+                                 a.step_override + variants.get(name, []), profile_to)
         else:
             log(f"=== {name} {CONFIGS[name]}")
             res = run_config(name, CONFIGS[name], shape, rows, device, a.warmup_steps, a.timed_steps, 42, tokenizer)

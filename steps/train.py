@@ -30,7 +30,7 @@ from trl import SFTConfig, SFTTrainer
 
 from steps.contract import is_main_process, read_output
 from steps.model import ModelConfig
-from steps.modeling import DTYPES, load_model, mask_packed_documents
+from steps.modeling import DTYPES, fuse_expert_activation, load_model, mask_packed_documents
 from steps.tracking import Tracker
 
 log = logging.getLogger("finetune")
@@ -177,6 +177,8 @@ class Output:
     loss_curve: list
     """[[step, loss], ...] at every logging step."""
     tokens_per_s: float
+    """Training tokens per second over the optimizer steps after the first (compile, warm-up), checkpoint writes
+    excluded."""
     peak_mem_gib: float
     train_runtime_s: float
 
@@ -214,36 +216,87 @@ def peak_mem_gib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-class _Progress(TrainerCallback):
-    """Forwards every log to the tracker (loss, grad_norm, learning_rate, tokens/s, peak memory) and the console."""
+# Dense bf16 tensor-core peak per GPU (no sparsity), by a substring of torch.cuda.get_device_name(); first match wins.
+PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
 
-    def __init__(self, tracker: Tracker, device: str):
+
+def peak_bf16_flops(device: str) -> float | None:
+    """The GPU's peak dense bf16 FLOP/s for MFU, or None (CPU, or a GPU not in PEAK_BF16_FLOPS: MFU is not logged)."""
+    if device != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+
+
+def model_flops_per_token(config, method: str) -> float:
+    """Matmul FLOPs one token costs in training: forward 2N, backward 2N for the activation gradients, plus 2N for
+    the weight gradients when every weight trains (full); N = the weights a token passes through (attention, router,
+    its top-k experts, LM head). Attention scores are left out (~2% at gpt-oss's ~1k-token rows)."""
+    h, head = config.hidden_size, config.head_dim
+    attention = h * head * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
+    experts = config.num_experts_per_tok * 3 * h * config.intermediate_size  # gate_up (h x 2i) + down (i x h)
+    n = config.num_hidden_layers * (attention + h * config.num_local_experts + experts) + h * config.vocab_size
+    return (6 if method == "full" else 4) * n
+
+
+class _Progress(TrainerCallback):
+    """Forwards every log to the tracker (loss, grad_norm, learning_rate, tokens/s, MFU, peak memory) and the console.
+
+    tokens/s counts the optimizer steps' own time: checkpoint writes are left out (a save restarts the clock).
+    """
+
+    def __init__(self, tracker: Tracker, device: str, flops_per_token: float, peak_flops: float | None):
         self.tracker, self.device = tracker, device
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.loss_curve: list[list[float]] = []
-        self.tokens_per_s: list[float] = []
+        self.intervals: list[tuple[float, float]] = []  # (tokens, seconds) per log
+
+    def _sync(self):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.start_s = self.last_s = time.perf_counter()
-        self.start_step, self.last_tokens = state.global_step, 0  # TRL counts num_tokens from 0 in each process
+        self._sync()
+        self.start_s = self.mark_s = time.perf_counter()
+        self.start_step, self.last_tokens, self.busy_s = state.global_step, 0, 0.0  # TRL counts num_tokens from 0 in each process
+        self.num_gpus = args.world_size  # num_tokens counts every process's tokens
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._sync()
+        now = time.perf_counter()
+        self.busy_s += now - self.mark_s
+        self.mark_s = now
+
+    def on_save(self, args, state, control, **kwargs):
+        self.mark_s = time.perf_counter()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if "loss" not in logs:  # the end-of-training summary log
             return
-        now = time.perf_counter()
         metrics = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        if "num_tokens" in logs:
-            metrics["tokens_per_s"] = (logs["num_tokens"] - self.last_tokens) / max(now - self.last_s, 1e-9)
-            self.tokens_per_s.append(metrics["tokens_per_s"])
-            self.last_tokens, self.last_s = logs["num_tokens"], now
+        if "num_tokens" in logs and self.busy_s > 0:
+            tokens = logs["num_tokens"] - self.last_tokens
+            self.intervals.append((tokens, self.busy_s))
+            metrics["tokens_per_s"] = tokens / self.busy_s
+            if self.peak_flops:
+                metrics["mfu"] = metrics["tokens_per_s"] * self.flops_per_token / (self.peak_flops * self.num_gpus)
+            self.last_tokens, self.busy_s = logs["num_tokens"], 0.0
         metrics["peak_mem_gib"] = peak_mem_gib(self.device)
         self.tracker.log_metrics(metrics, step=state.global_step)
         self.loss_curve.append([state.global_step, metrics["loss"]])
+        now = time.perf_counter()
         done = state.global_step - self.start_step
         eta_s = (now - self.start_s) / max(done, 1) * (state.max_steps - state.global_step)
-        log.info("train: step %d/%d loss %.4f grad_norm %.3f lr %.2e %.0f tokens/s peak %.1f GiB ETA %.0f s",
+        log.info("train: step %d/%d loss %.4f grad_norm %.3f lr %.2e %.0f tokens/s%s peak %.1f GiB ETA %.0f s",
                  state.global_step, state.max_steps, metrics["loss"], metrics.get("grad_norm", math.nan),
                  metrics.get("learning_rate", math.nan), metrics.get("tokens_per_s", math.nan),
-                 metrics["peak_mem_gib"], eta_s)
+                 f" MFU {metrics['mfu']:.1%}" if "mfu" in metrics else "", metrics["peak_mem_gib"], eta_s)
+
+    def steady_tokens_per_s(self) -> float:
+        """Tokens/s over the logged intervals after the first (which holds the compile / warm-up step), or over the
+        first when it is the only one."""
+        steady = self.intervals[1:] or self.intervals
+        return sum(t for t, _ in steady) / max(sum(s for _, s in steady), 1e-9)
 
 
 # Label positions per LM-head tile on CPU: 32 x 201k fp32 logits (26 MiB) stay under glibc's 32 MiB mmap threshold, so
@@ -448,6 +501,7 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
     net = load_model(cfg.model, vocab_size=len(tokenizer), dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
                      device="cpu" if cfg.fsdp else cfg.device, empty_weights=cfg.fsdp and local_rank != 0)
     net.config.use_cache = False
+    fuse_expert_activation(net)
     if cfg.packing:
         mask_packed_documents(net)
     base_model, base_revision = cfg.model.name, cfg.model.revision
@@ -481,7 +535,11 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
         # Filing the process group as multi-device before the Trainer builds its Accelerator gives CPU runs (the
         # tiny profiles, the tests) the same sharded path as GPUs; the device stays the CPU.
         PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
-    progress = _Progress(tracker, cfg.device)
+    peak_flops = peak_bf16_flops(cfg.device)
+    if cfg.device == "cuda" and peak_flops is None:
+        log.info("train: no peak FLOP/s known for %s (steps.train.PEAK_BF16_FLOPS); MFU is not logged",
+                 torch.cuda.get_device_name())
+    progress = _Progress(tracker, cfg.device, model_flops_per_token(net.config, cfg.method), peak_flops)
     trainer = SFTTrainer(model=net, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config, callbacks=[progress])
     if peft_config is not None:
@@ -521,7 +579,6 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
         # receives the weights: on 2 x H200 rank 1 exited and rank 0 stalled in the gather (bench/README.md). Gloo
         # collectives block, so the CPU runs never showed it.
         trainer.accelerator.wait_for_everyone()
-    tokens_per_s = progress.last_tokens / max(result.metrics["train_runtime"], 1e-9)
     output = Output(
         model_dir="model",
         base_model=base_model,
@@ -531,7 +588,7 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
         train_loss_first=progress.loss_curve[0][1],
         train_loss_last=progress.loss_curve[-1][1],
         loss_curve=progress.loss_curve,
-        tokens_per_s=round(tokens_per_s, 1),
+        tokens_per_s=round(progress.steady_tokens_per_s(), 1),
         peak_mem_gib=round(peak_mem_gib(cfg.device), 3),
         train_runtime_s=round(result.metrics["train_runtime"], 2),
     )
