@@ -420,8 +420,10 @@ def run_train_step(name, rows, device, warmup_steps, timed_steps, tokenizer_dir,
     error = None
     try:
         manifest, _ = contract.execute("train", cfg, out_dir=root / "train", inputs={"harmony": harmony}, tracker=clock)
-    except torch.OutOfMemoryError as e:
-        error = f"OutOfMemoryError: {str(e).splitlines()[0]}"
+    except RuntimeError as e:  # the step re-raises CUDA's OutOfMemoryError as a RuntimeError naming the knobs
+        if not isinstance(e.__cause__ or e, torch.OutOfMemoryError):
+            raise
+        error = f"OutOfMemoryError: {str(e).splitlines()[0][:300]}"
         manifest = None
     peak = peak_gib(device)
     t = cfg
