@@ -1,4 +1,6 @@
-"""The fused expert activation against transformers' own, on CPU."""
+"""The fast expert path against transformers' own, on CPU (and on CUDA, marked gpu)."""
+import copy
+
 import pytest
 import torch
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
@@ -62,25 +64,31 @@ def test_fast_experts_give_transformers_loss_and_gradients(reference):
 
 
 @pytest.mark.gpu
-def test_fast_experts_match_transformers_on_gpu_in_bf16():
-    """The compiled activation kernels and F.grouped_mm, at gpt-oss-20b width (2 layers), against transformers'
-    grouped_mm path: bf16 rounding apart (the activation runs in fp32 here), the same loss and gradients."""
-    def loss_and_grads(fast: bool):
-        model = load_model(ModelConfig(name="random", tokenizer="o200k-offline", seed=0,
-                                       random_shape={"preset": "gpt-oss-20b", "num_hidden_layers": 2}),
-                           vocab_size=201088, dtype="bfloat16", attn_implementation="eager", device="cuda")
-        model.set_experts_implementation("grouped_mm")
+def test_fast_experts_on_gpu_are_as_accurate_as_transformers_in_bf16():
+    """On CUDA (compiled activation kernels, F.grouped_mm) at gpt-oss-20b width, 2 layers: against an fp32 run of
+    transformers' per-expert loop, our bf16 loss and expert/router gradients are no further off than transformers'
+    own bf16 grouped_mm path."""
+    base = load_model(ModelConfig(name="random", tokenizer="o200k-offline", seed=0,
+                                  random_shape={"preset": "gpt-oss-20b", "num_hidden_layers": 2}),
+                      vocab_size=201088, dtype="float32", attn_implementation="eager", device="cuda")
+    ids = torch.randint(0, 199998, (2, 512), generator=torch.Generator().manual_seed(1)).cuda()
+
+    def loss_and_grads(dtype, experts_implementation, fast=False):
+        model = copy.deepcopy(base).to(dtype)
+        model.set_experts_implementation(experts_implementation)
         if fast:
             fast_experts(model)
-        ids = torch.randint(0, 199998, (2, 512), generator=torch.Generator().manual_seed(1)).cuda()
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
-        grads = {n: p.grad.float() for n, p in model.named_parameters() if "experts" in n or "router" in n}
-        return loss.item(), grads, torch.cuda.max_memory_allocated()
+        grads = torch.cat([p.grad.float().flatten() for n, p in model.named_parameters() if ".mlp." in n])
+        return loss.item(), grads
 
-    loss_ref, grads_ref, _ = loss_and_grads(fast=False)
-    loss_ours, grads_ours, _ = loss_and_grads(fast=True)
-    assert abs(loss_ours - loss_ref) <= 2e-3 * abs(loss_ref)
-    for name, grad in grads_ref.items():
-        cosine = torch.nn.functional.cosine_similarity(grads_ours[name].flatten(), grad.flatten(), dim=0)
-        assert cosine > 0.99, (name, cosine.item())
+    loss_ref, grads_ref = loss_and_grads(torch.float32, "eager")
+    loss_tf, grads_tf = loss_and_grads(torch.bfloat16, "grouped_mm")
+    loss_ours, grads_ours = loss_and_grads(torch.bfloat16, "grouped_mm", fast=True)
+    err_tf = ((grads_tf - grads_ref).norm() / grads_ref.norm()).item()
+    err_ours = ((grads_ours - grads_ref).norm() / grads_ref.norm()).item()
+    print(f"loss fp32 {loss_ref:.6f} bf16 transformers {loss_tf:.6f} ours {loss_ours:.6f}; "
+          f"gradient rel. error transformers {err_tf:.2e} ours {err_ours:.2e}")
+    assert err_ours <= 1.5 * err_tf + 1e-3
+    assert abs(loss_ours - loss_ref) <= 1.5 * abs(loss_tf - loss_ref) + 1e-3 * loss_ref
