@@ -294,3 +294,15 @@ def test_out_of_memory_names_the_knobs(monkeypatch, harmony_dir, tmp_path):
     with pytest.raises(RuntimeError, match=r"train\.per_device_batch_size=4 x train\.max_length=64: lower either"):
         train.run(train_config(max_steps=1), out_dir=tmp_path / "train", inputs={"harmony": harmony_dir},
                   tracker=NullTracker())
+
+
+def test_model_flops_per_token_counts_the_active_parameters():
+    """MFU's numerator: gpt-oss-20b passes each token through 3.6 B parameters (OpenAI's model card)."""
+    from transformers import GptOssConfig
+
+    from steps.model import GPT_OSS_20B_SHAPE
+
+    config = GptOssConfig(**GPT_OSS_20B_SHAPE, vocab_size=201088)
+    assert train.model_flops_per_token(config, "lora") / 4 == pytest.approx(3.6e9, rel=0.01)
+    assert train.model_flops_per_token(config, "full") == 1.5 * train.model_flops_per_token(config, "lora")
+    assert train.peak_bf16_flops("cpu") is None
