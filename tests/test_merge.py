@@ -85,6 +85,15 @@ def test_merge_refuses_to_save_when_logits_differ(lora_train_dir, tmp_path, monk
     assert not (tmp_path / "model").exists()
 
 
+def test_bf16_merge_that_loses_the_adapter_names_its_effect_and_the_fix(lora_train_dir, tmp_path, monkeypatch):
+    """In bf16 the refusal says how far the adapter itself moves the logits and what to set (float32 merges)."""
+    monkeypatch.setattr(LoraModel, "merge_and_unload", lambda self, **kwargs: self.unload())
+    cfg = merge.Config(model=MODEL, dtype="bfloat16", probe_tolerance=1e-4)
+    with pytest.raises(ValueError, match=r"the adapter itself moves the logits by up to [0-9.e+-]+; .*set merge\.dtype=float32"):
+        merge.run(cfg, out_dir=tmp_path, inputs={"train": lora_train_dir}, tracker=NullTracker())
+    assert not (tmp_path / "model").exists()
+
+
 def test_saved_folder_serves_reasoning(merged_run):
     """Tokenizer, chat template and the gpt-oss response template travel with the model; use_cache is back on."""
     from transformers import AutoTokenizer
