@@ -76,20 +76,16 @@ def test_merged_logits_equal_base_plus_adapter_experts_included(merged_run, lora
     assert (merged_logits - base_logits).abs().max() > 100 * 1e-4
 
 
-def test_merge_refuses_to_save_when_logits_differ(lora_train_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("dtype, message", [
+    ("float32", r"merged vs base\+adapter: max \|logit difference\| .* exceeds merge.probe_tolerance=0.0001"),
+    # in bf16 the refusal also says how far the adapter itself moves the logits and what to set
+    ("bfloat16", r"the adapter itself moves the logits by up to [0-9.e+-]+; .*set merge\.dtype=float32"),
+])
+def test_merge_refuses_to_save_when_logits_differ(lora_train_dir, tmp_path, monkeypatch, dtype, message):
     """A merge that loses the adapter (here: unload instead of merge) is caught before anything is saved."""
     monkeypatch.setattr(LoraModel, "merge_and_unload", lambda self, **kwargs: self.unload())
-    cfg = merge.Config(model=MODEL, dtype="float32", probe_tolerance=1e-4)
-    with pytest.raises(ValueError, match=r"merged vs base\+adapter: max \|logit difference\| .* exceeds merge.probe_tolerance=0.0001"):
-        merge.run(cfg, out_dir=tmp_path, inputs={"train": lora_train_dir}, tracker=NullTracker())
-    assert not (tmp_path / "model").exists()
-
-
-def test_bf16_merge_that_loses_the_adapter_names_its_effect_and_the_fix(lora_train_dir, tmp_path, monkeypatch):
-    """In bf16 the refusal says how far the adapter itself moves the logits and what to set (float32 merges)."""
-    monkeypatch.setattr(LoraModel, "merge_and_unload", lambda self, **kwargs: self.unload())
-    cfg = merge.Config(model=MODEL, dtype="bfloat16", probe_tolerance=1e-4)
-    with pytest.raises(ValueError, match=r"the adapter itself moves the logits by up to [0-9.e+-]+; .*set merge\.dtype=float32"):
+    cfg = merge.Config(model=MODEL, dtype=dtype, probe_tolerance=1e-4)
+    with pytest.raises(ValueError, match=message):
         merge.run(cfg, out_dir=tmp_path, inputs={"train": lora_train_dir}, tracker=NullTracker())
     assert not (tmp_path / "model").exists()
 
