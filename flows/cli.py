@@ -20,6 +20,9 @@ def _quiet_third_parties() -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    # A fresh PREFECT_HOME migrates its database before the temporary server answers: ~20 s on a 2-core machine,
+    # exactly Prefect's default wait, so a newcomer's first `finetune run` failed half the time.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
 def _inputs(pairs: list[str]) -> dict[str, Path]:

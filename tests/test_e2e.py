@@ -28,7 +28,7 @@ def test_finetune_run_breaks_at_smoke_then_resumes(tmp_path):
     # A server that gets one second to start cannot be ready: the run fails in its last step.
     broken = finetune_run(out, "smoke.startup_timeout_s=1", env=env)
     assert broken.returncode != 0, broken.stdout[-3000:]
-    assert "smoke" in broken.stderr
+    assert "smoke" in broken.stderr, broken.stderr[-3000:]
     for step in STEPS[:-1]:
         assert (out / step / "manifest.json").is_file(), f"{step} finished but left no manifest"
     assert not (out / "smoke" / "manifest.json").exists()
