@@ -267,6 +267,17 @@ class _Progress(TrainerCallback):
         now = time.perf_counter()
         self.busy_s += now - self.mark_s
         self.mark_s = now
+        if state.global_step == self.start_step + 1:
+            self.first_step_end_s = now  # the ETA leaves out the first step: it holds the compile and warm-up
+
+    def eta_s(self, state, now: float) -> float:
+        """Seconds left at the pace of the steps after the first (checkpoint writes included), or of the first alone."""
+        done = state.global_step - self.start_step
+        if done >= 2:
+            per_step = (now - self.first_step_end_s) / (done - 1)
+        else:
+            per_step = (now - self.start_s) / max(done, 1)
+        return per_step * (state.max_steps - state.global_step)
 
     def on_save(self, args, state, control, **kwargs):
         self.mark_s = time.perf_counter()
@@ -285,9 +296,7 @@ class _Progress(TrainerCallback):
         metrics["peak_mem_gib"] = peak_mem_gib(self.device)
         self.tracker.log_metrics(metrics, step=state.global_step)
         self.loss_curve.append([state.global_step, metrics["loss"]])
-        now = time.perf_counter()
-        done = state.global_step - self.start_step
-        eta_s = (now - self.start_s) / max(done, 1) * (state.max_steps - state.global_step)
+        eta_s = self.eta_s(state, time.perf_counter())
         log.info("train: step %d/%d loss %.4f grad_norm %.3f lr %.2e %.0f tokens/s%s peak %.1f GiB ETA %.0f s",
                  state.global_step, state.max_steps, metrics["loss"], metrics.get("grad_norm", math.nan),
                  metrics.get("learning_rate", math.nan), metrics.get("tokens_per_s", math.nan),

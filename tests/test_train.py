@@ -306,3 +306,20 @@ def test_model_flops_per_token_counts_the_active_parameters():
     assert train.model_flops_per_token(config, "lora") / 4 == pytest.approx(3.6e9, rel=0.01)
     assert train.model_flops_per_token(config, "full") == 1.5 * train.model_flops_per_token(config, "lora")
     assert train.peak_bf16_flops("cpu") is None
+
+
+def test_eta_follows_the_steady_steps_not_the_compile_step(monkeypatch):
+    """A first step of 140 s (compile) and 1 s steps after it: with 6 steps left the ETA is ~6 s, not ~420 s."""
+    from transformers import TrainerState, TrainingArguments
+
+    clock = iter([0.0, 140.0, 141.0, 142.0])
+    monkeypatch.setattr(train.time, "perf_counter", lambda: next(clock))
+    progress = train._Progress(NullTracker(), "cpu", flops_per_token=1.0, peak_flops=None)
+    state = TrainerState(max_steps=8, global_step=0)
+    progress.on_train_begin(TrainingArguments(output_dir="unused", report_to=[]), state, None)
+    for step in (1, 2, 3):
+        state.global_step = step
+        progress.on_step_end(None, state, None)
+    assert progress.eta_s(state, 142.0) == pytest.approx(5 * 1.0)
+    state.global_step = 1
+    assert progress.eta_s(state, 140.0) == pytest.approx(7 * 140.0)  # one step seen: its pace is all there is
