@@ -92,3 +92,68 @@ def test_fast_experts_on_gpu_are_as_accurate_as_transformers_in_bf16():
           f"gradient rel. error transformers {err_tf:.2e} ours {err_ours:.2e}")
     assert err_ours <= 1.5 * err_tf + 1e-3
     assert abs(loss_ours - loss_ref) <= 1.5 * abs(loss_tf - loss_ref) + 1e-3 * loss_ref
+
+
+FP4_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+def _mxfp4(num_experts: int, rows: int, cols: int, gen: torch.Generator):
+    """A (num_experts, rows, cols) weight in the gpt-oss Hub layout: 4-bit codes two per byte (low nibble first) in
+    blocks of 32 along cols, one power-of-two scale per block (biased by 127). Returns blocks, scales and the exact value."""
+    codes = torch.randint(0, 16, (num_experts, rows, cols), generator=gen)
+    exponents = torch.randint(-3, 2, (num_experts, rows, cols // 32), generator=gen)
+    value = FP4_VALUES[codes] * torch.exp2(exponents.float()).repeat_interleave(32, dim=-1)
+    pairs = codes.view(num_experts, rows, cols // 32, 16, 2)
+    return (pairs[..., 0] | (pairs[..., 1] << 4)).to(torch.uint8), (exponents + 127).to(torch.uint8), value
+
+
+def _write_quantized_checkpoint(path, quantization_config: dict) -> tuple[dict, dict]:
+    """A tiny gpt-oss checkpoint laid out as openai/gpt-oss-20b ships: experts as MXFP4 blocks + scales, the rest bf16."""
+    import json
+
+    from safetensors.torch import save_file
+
+    base = load_model(ModelConfig(name="random", tokenizer="o200k-offline", seed=0), vocab_size=512, dtype="bfloat16",
+                      attn_implementation="eager", device="cpu")
+    base.save_pretrained(path)
+    for shard in path.glob("model*.safetensors*"):
+        shard.unlink()
+    tensors, experts = dict(base.state_dict()), {}
+    gen = torch.Generator().manual_seed(0)
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        num_experts, cols, rows = tensors.pop(name).shape  # transformers keeps (experts, in, out); the Hub (out, in)
+        tensors[f"{name}_blocks"], tensors[f"{name}_scales"], value = _mxfp4(num_experts, rows, cols, gen)
+        experts[name] = value.transpose(1, 2)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "quantization_config": quantization_config}))
+    return tensors, experts
+
+
+def test_mxfp4_checkpoint_loads_with_experts_dequantized_and_trainable(tmp_path):
+    """The Hub's gpt-oss checkpoints store experts in MXFP4: load_model dequantizes them exactly (every value is a
+    4-bit code times a power of two) into plain, trainable experts and leaves the other weights as stored."""
+    tensors, experts = _write_quantized_checkpoint(tmp_path, {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]})
+    net = load_model(ModelConfig(name=str(tmp_path), tokenizer="o200k-offline"), vocab_size=512, dtype="bfloat16",
+                     attn_implementation="eager", device="cpu")
+    loaded = net.state_dict()
+    assert len(experts) == 4
+    for name, value in experts.items():
+        assert loaded[name].dtype == torch.bfloat16 and torch.equal(loaded[name].float(), value), name
+        assert type(net.get_submodule(name.rsplit(".", 1)[0])) is GptOssExperts
+    for name, tensor in tensors.items():
+        if not name.endswith(("_blocks", "_scales")):
+            assert torch.equal(loaded[name], tensor), name
+    ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(1))
+    net(input_ids=ids, labels=ids).loss.backward()
+    for name in experts:
+        assert net.get_parameter(name).grad.abs().sum() > 0, name
+
+
+def test_checkpoint_in_another_quantization_is_refused(tmp_path):
+    _write_quantized_checkpoint(tmp_path, {"quant_method": "fp8"})
+    with pytest.raises(ValueError, match="quantized with fp8; only MXFP4 .dequantized on load. or unquantized"):
+        load_model(ModelConfig(name=str(tmp_path), tokenizer="o200k-offline"), vocab_size=512, dtype="bfloat16",
+                   attn_implementation="eager", device="cpu")
