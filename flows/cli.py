@@ -15,7 +15,9 @@ from steps import contract, profile as profiles
 log = logging.getLogger("finetune")
 
 
-def _quiet_third_parties() -> None:
+def _third_party_defaults() -> None:
+    """Environment defaults for the libraries under the CLI (a value the user set wins): no telemetry, and a
+    start-up wait for Prefect's temporary server that a small machine meets."""
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -67,7 +69,7 @@ def cmd_check(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _quiet_third_parties()
+    _third_party_defaults()
     parser = argparse.ArgumentParser(prog="finetune", description=__doc__.split("\n")[0],
                                      epilog="Any profile key can follow as section.key=value, e.g. train.max_steps=10.")
     sub = parser.add_subparsers(dest="command", required=True)

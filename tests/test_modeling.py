@@ -1,5 +1,6 @@
 """The fast expert path against transformers' own, on CPU (and on CUDA, marked gpu)."""
 import copy
+import json
 
 import pytest
 import torch
@@ -109,8 +110,6 @@ def _mxfp4(num_experts: int, rows: int, cols: int, gen: torch.Generator):
 
 def _write_quantized_checkpoint(path, quantization_config: dict) -> tuple[dict, dict]:
     """A tiny gpt-oss checkpoint laid out as openai/gpt-oss-20b ships: experts as MXFP4 blocks + scales, the rest bf16."""
-    import json
-
     from safetensors.torch import save_file
 
     base = load_model(ModelConfig(name="random", tokenizer="o200k-offline", seed=0), vocab_size=512, dtype="bfloat16",
