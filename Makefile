@@ -1,11 +1,11 @@
 # The two commands a newcomer needs (each sets everything up first):
 #   make run    the whole pipeline on the embedded default (tiny gpt-oss, bundled data, CPU, no network)
-#   make test   the test suite (unit + integration; GPU tests skip without CUDA)
+#   make test   the test suite (unit + integration, step images on a real Docker engine; GPU tests skip without CUDA)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 RUN_ARGS ?=
 
-.PHONY: setup run test
+.PHONY: setup run test system-deps
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	python3 -m venv $(VENV)
@@ -19,5 +19,12 @@ setup: $(VENV)/.installed
 run: setup
 	$(VENV)/bin/finetune run $(RUN_ARGS)
 
-test: setup
+# The integration tests build and run the step images: a Docker engine (images/build.sh starts one when none runs)
+# and debootstrap for the local base image (no registry needed). Installed from Debian's packages when missing.
+system-deps:
+	@command -v dockerd >/dev/null && command -v debootstrap >/dev/null || { \
+		[ "$$(id -u)" = 0 ] || { echo "make test needs docker.io and debootstrap: apt-get install docker.io debootstrap" >&2; exit 1; }; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io debootstrap >/dev/null; }
+
+test: setup system-deps
 	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)

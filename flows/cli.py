@@ -7,6 +7,7 @@
 import argparse
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -37,7 +38,26 @@ def _inputs(pairs: list[str]) -> dict[str, Path]:
     return out
 
 
+def _check_mounted(path: Path, flag: str) -> None:
+    """Inside a step image, step folders must live on a host folder or a named volume: the container's own disk and
+    an anonymous volume (what an unmounted VOLUME becomes) vanish with the container."""
+    path = path.absolute()
+    mount_point, root = "/", ""
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        point = Path(fields[4].replace("\\040", " "))
+        if (point == path or point in path.parents) and len(str(point)) >= len(mount_point):
+            mount_point, root = str(point), fields[3]
+    if mount_point == "/" or re.search(r"volumes/[0-9a-f]{64}/_data$", root):
+        raise ValueError(f"{flag} {path} is not on a mounted volume in this container, so it would vanish with it; "
+                         f"mount the host folder that holds it, e.g. docker run -v \"$PWD/runs:/runs\" … {flag} /runs/…")
+
+
 def cmd_step(args) -> None:
+    if os.environ.get("FINETUNE_RUNTIME"):  # set by the step images (images/*.Dockerfile)
+        _check_mounted(args.out, "--out")
+        for pair in args.input:
+            _check_mounted(Path(pair.partition("=")[2]), f"--input {pair.partition('=')[0]}=")
     profile = profiles.load_profile(args.config, args.overrides)
     cfg = profiles.step_config(profile, args.name)
     tracking = profiles.tracking_config(profile)

@@ -16,6 +16,8 @@ from steps.tracking import NullTracker, Tracker
 log = logging.getLogger("finetune")
 
 STEPS = ("fetch", "harmony", "train", "merge", "push", "smoke")
+# Which image runs each step (images/<runtime>.Dockerfile, tagged finetune-<runtime>:<version>).
+RUNTIMES = {"fetch": "cpu", "harmony": "cpu", "train": "train", "merge": "train", "push": "cpu", "smoke": "serve"}
 MANIFEST = "manifest.json"
 _VERSIONED = ("torch", "transformers", "trl", "peft", "datasets", "openai-harmony", "huggingface-hub")
 

@@ -95,7 +95,8 @@ def check_close(a: torch.Tensor, b: torch.Tensor, *, tolerance: float, what: str
 
 def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Tracker) -> Output:
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("merge.device=cuda but this machine has no CUDA device; set merge.device=cpu")
+        raise ValueError("merge.device=cuda but this machine has no CUDA device; set merge.device=cpu, "
+                         "or run on a GPU machine (in Docker: docker run --gpus all …)")
     trained = read_output(inputs["train"])
     trained_dir = Path(trained["model_dir"])
     tokenizer = AutoTokenizer.from_pretrained(trained_dir)

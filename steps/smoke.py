@@ -126,11 +126,13 @@ def _free_port(host: str) -> int:
 
 
 def server_command(cfg: Config, *, model_dir: Path, port: int) -> list[str]:
+    # The SGLang image runs SGLang on its own Python beside our CLI's venv (images/serve.Dockerfile says which).
+    python = os.environ.get("FINETUNE_SERVER_PYTHON") or sys.executable
     if cfg.backend == "sglang":
-        return [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_dir),
+        return [python, "-m", "sglang.launch_server", "--model-path", str(model_dir),
                 "--served-model-name", cfg.served_model_name or str(model_dir), "--tp", str(cfg.tp),
                 "--host", cfg.host, "--port", str(port), "--reasoning-parser", "gpt-oss", "--tool-call-parser", "gpt-oss"]
-    return [sys.executable, "-m", "transformers.cli.transformers", "serve", str(model_dir), "--device", cfg.device,
+    return [python, "-m", "transformers.cli.transformers", "serve", str(model_dir), "--device", cfg.device,
             "--host", cfg.host, "--port", str(port), "--log-level", "info"]
 
 
@@ -272,6 +274,9 @@ def _write_markdown(path: Path, report: dict) -> None:
 
 
 def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Tracker) -> Output:
+    if cfg.backend == "sglang" and not Path("/dev/nvidiactl").exists():
+        raise ValueError("smoke.backend=sglang needs an NVIDIA GPU and none is visible; run on a GPU machine (in Docker: "
+                         "docker run --gpus all …) or set smoke.backend=transformers smoke.device=cpu (tiny models)")
     model_dir = Path(read_output(inputs["merge"])["model_dir"])
     if not (model_dir / "config.json").is_file():
         raise ValueError(f"merge output {model_dir} holds no config.json; rerun the merge step (--out {inputs['merge']})")

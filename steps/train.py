@@ -419,7 +419,7 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
     # --- Inputs: fail on bad input before loading a model ---
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("train.device=cuda but this machine has no CUDA device; set train.device=cpu "
-                         "(tiny models only) or run on a GPU machine")
+                         "(tiny models only) or run on a GPU machine (in Docker: docker run --gpus all …)")
     # Under torchrun every rank runs this function: training is collective, files are rank 0's alone.
     is_main, local_rank = is_main_process(), int(os.environ.get("LOCAL_RANK", "0"))
     if "WORLD_SIZE" in os.environ:

@@ -20,3 +20,39 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def step_images():
+    """The three step images, built once per session by `images/build.sh --local-base` (no registry here). Where no
+    Docker engine was running, build.sh starts one; it is stopped again at the end, with any container a test left."""
+    import signal
+    import subprocess
+    import time
+    import tomllib
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    engine_was_running = subprocess.run(["docker", "info"], capture_output=True).returncode == 0
+    pid_file = Path("/run/finetune-dockerd.pid")
+    try:
+        build = subprocess.run([str(repo / "images" / "build.sh"), "--local-base"], capture_output=True, text=True,
+                               timeout=3600)
+        print(build.stdout)
+        assert build.returncode == 0, build.stdout + build.stderr[-5000:]
+        yield {"version": tomllib.loads((repo / "pyproject.toml").read_text())["project"]["version"],
+               "build_log": build.stdout}
+    finally:
+        left = subprocess.run(["docker", "ps", "-aq", "--filter", "label=finetune-test"], capture_output=True, text=True)
+        if left.stdout.split():
+            subprocess.run(["docker", "rm", "-f", *left.stdout.split()], capture_output=True)
+        if not engine_was_running and pid_file.is_file():
+            pid = int(pid_file.read_text())
+            os.kill(pid, signal.SIGTERM)
+            for _ in range(60):
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(1)
+            pid_file.unlink()
