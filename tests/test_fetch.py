@@ -11,7 +11,8 @@ from steps.tracking import NullTracker
 pytestmark = pytest.mark.unit
 
 FIXTURE_DROPS = {"bad_reasoning_effort": 1, "empty_assistant_content": 1, "no_assistant_turn": 1, "no_messages": 1,
-                 "unknown_role": 1, "wrong_type": 2}
+                 "tool_arguments_not_json_object": 1, "tool_parameters_not_object_schema": 1, "tool_result_without_call": 1,
+                 "unknown_role": 1, "unknown_tool": 1, "wrong_type": 2}
 
 
 def _run(tmp_path, **cfg):
@@ -39,6 +40,8 @@ def test_bundled_fixture_counts_malformed_rows_by_reason(tmp_path):
     assert [r["id"] for r in kept] == [r["id"] for r in _valid_rows()]
     assert {r["reasoning_effort"] for r in kept} == {None, "low", "medium", "high"}
     assert len({r["reasoning_language"] for r in kept}) >= 6
+    with_tools = [r for r in kept if r["tools"]]
+    assert len(with_tools) >= 8 and all(r["reasoning_language"] is None for r in with_tools)
 
 
 def test_split_is_deterministic_by_seed(tmp_path):
@@ -81,7 +84,7 @@ def test_file_without_valid_rows_is_an_error(tmp_path):
     path = tmp_path / "bad.jsonl"
     bad = [r for r in _read(fetch.BUNDLED) if fetch.check_row(r) is not None]
     path.write_text("".join(json.dumps(r) + "\n" for r in bad))
-    with pytest.raises(ValueError, match=r"has no valid rows \(7 read, dropped by reason: .*'no_messages': 1"):
+    with pytest.raises(ValueError, match=r"has no valid rows \(11 read, dropped by reason: .*'no_messages': 1"):
         _run(tmp_path, dataset=str(path))
 
 
