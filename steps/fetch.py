@@ -1,13 +1,15 @@
 """finetune step fetch --config configs/tiny-cpu.yaml --out DIR [data.dataset=PATH|HUB_ID ...]
 
-Loads a Multilingual-Thinking-shaped dataset (Hub id + revision, a local .jsonl/.parquet file, a `save_to_disk`
-folder, or the bundled fixture), validates it, drops malformed rows with counts, and writes train/eval JSONL.
+Loads conversations in the OpenAI chat format (`messages` + optional `tools`; Multilingual-Thinking's columns are kept
+as metadata) from a Hub id + revision, a local .jsonl/.parquet file, a `save_to_disk` folder or the bundled fixture,
+validates them (tool calls included), drops malformed rows with counts by reason, and writes train/eval JSONL.
 """
 import hashlib
 import json
 import logging
 import os
 import random
+import re
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,8 +21,11 @@ log = logging.getLogger("finetune")
 
 INPUTS = ()
 BUNDLED = Path(__file__).parent / "data" / "multilingual-fixture.jsonl"
-REQUIRED_COLUMNS = ("reasoning_language", "developer", "user", "analysis", "final", "messages")
-ROLES = ("system", "developer", "user", "assistant")
+# Multilingual-Thinking's columns: optional, kept as metadata (reasoning_language also groups the length statistics).
+METADATA_COLUMNS = ("reasoning_language", "developer", "user", "analysis", "final")
+ROLES = ("system", "developer", "user", "assistant", "tool")
+# OpenAI's rule for function names; it also keeps the Harmony header "to=functions.<name>" unambiguous.
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 EFFORTS = ("low", "medium", "high")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 
@@ -149,6 +154,78 @@ def _read_hub(cfg: Config) -> tuple[list[dict], str]:
     return ds.to_list(), sha
 
 
+def _json_or_value(value):
+    # Arrow-backed datasets store per-row schemas (tools) and arguments as JSON text; JSONL rows may hold the objects.
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return None
+    return value
+
+
+def check_tool(tool) -> str | None:
+    """The reason an OpenAI tool definition ({type: function, function: {name, description?, parameters?}}) is unusable."""
+    if not isinstance(tool, dict) or tool.get("type", "function") != "function" or not isinstance(tool.get("function"), dict):
+        return "bad_tool_definition"
+    function = tool["function"]
+    if not isinstance(function.get("name"), str) or not TOOL_NAME.fullmatch(function["name"]):
+        return "bad_tool_definition"
+    if not isinstance(function.get("description", ""), str):
+        return "bad_tool_definition"
+    parameters = function.get("parameters")
+    if parameters is None:
+        return None  # a function without arguments
+    if not isinstance(parameters, dict) or parameters.get("type") != "object":
+        return "tool_parameters_not_object_schema"
+    import jsonschema
+
+    try:
+        jsonschema.validators.validator_for(parameters).check_schema(parameters)
+    except jsonschema.SchemaError:
+        return "tool_parameters_not_object_schema"
+    return None
+
+
+def _tool_names(row: dict) -> tuple[set[str] | None, str | None]:
+    """The row's function names, or the reason its `tools` are malformed."""
+    if row.get("tools") is None:
+        return set(), None
+    tools = _json_or_value(row["tools"])
+    if not isinstance(tools, list):
+        return None, "bad_tool_definition"
+    for tool in tools:
+        if reason := check_tool(tool):
+            return None, reason
+    names = [t["function"]["name"] for t in tools]
+    if len(set(names)) != len(names):
+        return None, "bad_tool_definition"
+    return set(names), None
+
+
+def _check_tool_calls(messages: list[dict], names: set[str]) -> str | None:
+    pending = []  # (id, name) of the calls made and not yet answered
+    for m in messages:
+        if m["role"] == "assistant" and m.get("tool_calls"):
+            for call in m["tool_calls"]:
+                function = call.get("function") if isinstance(call, dict) else None
+                if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+                    return "wrong_type"
+                if function["name"] not in names:
+                    return "unknown_tool"
+                if not isinstance(_json_or_value(function.get("arguments")), dict):
+                    return "tool_arguments_not_json_object"
+                pending.append((call.get("id"), function["name"]))
+        elif m["role"] == "tool":
+            match = [k for k, (call_id, name) in enumerate(pending)
+                     if (m.get("tool_call_id") is None or m["tool_call_id"] == call_id)
+                     and (m.get("name") is None or m["name"] == name)]
+            if not match:
+                return "tool_result_without_call"
+            pending.pop(match[0])
+    return None
+
+
 def check_row(row: dict) -> str | None:
     """The reason a row is malformed (a key of Output.num_dropped), or None when it can be trained on."""
     if "__not_an_object__" in row:
@@ -159,9 +236,15 @@ def check_row(row: dict) -> str | None:
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         return "wrong_type"
     for m in messages:
-        if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+        if not isinstance(m.get("role"), str):
             return "wrong_type"
-        if m.get("thinking") is not None and not isinstance(m["thinking"], str):
+        calls = m.get("tool_calls")
+        if calls is not None and (m["role"] != "assistant" or not isinstance(calls, list)):
+            return "wrong_type"
+        # An assistant message that only calls tools may have no content (the OpenAI format writes null).
+        if not isinstance(m.get("content"), str) and not (calls and m.get("content") is None):
+            return "wrong_type"
+        if any(m.get(k) is not None and not isinstance(m[k], str) for k in ("thinking", "name", "tool_call_id")):
             return "wrong_type"
         if m["role"] not in ROLES:
             return "unknown_role"
@@ -171,11 +254,20 @@ def check_row(row: dict) -> str | None:
         return "no_assistant_turn"
     if messages[-1]["role"] != "assistant":
         return "last_turn_not_assistant"
-    if any(m["role"] == "assistant" and not m["content"].strip() for m in messages):
-        return "empty_assistant_content"
-    if not isinstance(row.get("reasoning_language"), str):
-        return "wrong_type"
-    if any(row.get(c) is not None and not isinstance(row[c], str) for c in REQUIRED_COLUMNS[1:5]):
+    for m in messages:
+        if m["role"] != "assistant":
+            continue
+        if m.get("tool_calls") and (m.get("content") or "").strip():
+            # Harmony would need a commentary preamble here; reasoning beside a call belongs in `thinking`.
+            return "content_beside_tool_calls"
+        if not m.get("tool_calls") and not m["content"].strip():
+            return "empty_assistant_content"
+    names, reason = _tool_names(row)
+    if reason:
+        return reason
+    if reason := _check_tool_calls(messages, names):
+        return reason
+    if any(row.get(c) is not None and not isinstance(row[c], str) for c in METADATA_COLUMNS):
         return "wrong_type"
     effort = row.get("reasoning_effort")
     if effort is not None and effort not in EFFORTS:
@@ -183,11 +275,32 @@ def check_row(row: dict) -> str | None:
     return None
 
 
+def _normalise_message(m: dict, pending: list[str]) -> dict:
+    out = {"role": m["role"], "content": m.get("content") or "", "thinking": m.get("thinking")}
+    if m.get("tool_calls"):
+        out["tool_calls"] = []
+        for call in m["tool_calls"]:
+            arguments = call["function"]["arguments"]
+            # Arguments given as text are trained verbatim; an object is written as JSON (the stock template's tojson).
+            text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+            out["tool_calls"].append({"name": call["function"]["name"], "arguments": text})
+            pending.append((call.get("id"), call["function"]["name"]))
+    if m["role"] == "tool":  # named by the call it answers (check_row made sure there is one)
+        k = next(k for k, (call_id, name) in enumerate(pending)
+                 if (m.get("tool_call_id") is None or m["tool_call_id"] == call_id) and (m.get("name") is None or m["name"] == name))
+        out["name"] = pending.pop(k)[1]
+    return out
+
+
 def _normalise(row: dict, row_id: str) -> dict:
+    pending = []
+    tools = _json_or_value(row["tools"]) if row.get("tools") is not None else None
     return {
         "id": row_id,
-        **{c: row.get(c) for c in REQUIRED_COLUMNS[:5]},
-        "messages": [{"role": m["role"], "content": m["content"], "thinking": m.get("thinking")} for m in row["messages"]],
+        **{c: row.get(c) for c in METADATA_COLUMNS},
+        "messages": [_normalise_message(m, pending) for m in row["messages"]],
+        "tools": [{"name": t["function"]["name"], "description": t["function"].get("description", ""),
+                   "parameters": t["function"].get("parameters")} for t in tools] if tools else None,
         "reasoning_effort": row.get("reasoning_effort"),
     }
 
@@ -211,11 +324,9 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
         rows = rows[:cfg.max_rows]
     log.info("fetch: read %d rows from %s (revision %s)", len(rows), source, revision)
 
-    present = set().union(*(r.keys() for r in rows)) if rows else set()
-    missing = [c for c in REQUIRED_COLUMNS if c not in present]
-    if missing:
-        raise ValueError(f"data.dataset={cfg.dataset} lacks column(s) {', '.join(missing)}; a Multilingual-Thinking "
-                         f"dataset needs {', '.join(REQUIRED_COLUMNS)} (messages = [{{role, content, thinking}}])")
+    if rows and not any("messages" in r for r in rows):
+        raise ValueError(f"data.dataset={cfg.dataset} lacks the column messages; each row needs messages = "
+                         "[{role, content, thinking?, tool_calls?}] in the OpenAI chat format (+ optional tools)")
 
     kept, dropped = [], Counter()
     for index, row in enumerate(rows):
@@ -230,7 +341,7 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
         log.warning("fetch: dropped %d malformed rows: %s", sum(dropped.values()), dict(sorted(dropped.items())))
     if not kept:
         raise ValueError(f"data.dataset={cfg.dataset} has no valid rows ({len(rows)} read, dropped by reason: "
-                         f"{dict(sorted(dropped.items()))}); each row needs messages ending in a non-empty assistant turn")
+                         f"{dict(sorted(dropped.items()))}); each row needs messages ending in a non-empty assistant turn or a tool call")
     if len({r["id"] for r in kept}) != len(kept):
         raise ValueError(f"data.dataset={cfg.dataset} has duplicate ids in its `id` column; make them unique or drop the column")
 

@@ -15,11 +15,11 @@ from typing import Literal
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from trl.chat_template_utils import add_response_schema
 
 from steps.contract import read_output
 from steps.model import ModelConfig
 from steps.modeling import DTYPES, load_model
+from steps.tokenizer import add_response_template
 from steps.tracking import Tracker
 from steps.train import save_dir_atomic
 
@@ -136,7 +136,7 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
     merged.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids(t) for t in ("<|return|>", "<|call|>")]
     merged.generation_config.pad_token_id = merged.config.pad_token_id = tokenizer.pad_token_id
     merged.config.eos_token_id = tokenizer.eos_token_id
-    add_response_schema(tokenizer)
+    add_response_template(tokenizer)
     reload_diff = 0.0
 
     def write(tmp: Path):

@@ -1,8 +1,9 @@
 """finetune step smoke --config configs/tiny-cpu.yaml --input merge=DIR --out DIR2
 
 Serve the merged model (SGLang on GPU, `transformers serve` on CPU) and check it over the OpenAI-compatible API:
-readiness, /v1/models, one chat completion per reasoning language, one streaming request. Writes report.json and
-report.md, always stops the server, and fails when any check fails.
+readiness, /v1/models, one chat completion per reasoning language, one streaming request, and with `smoke.tools` one
+request with a tool that must come back as a call to it. Writes report.json and report.md, always stops the server, and
+fails when any check fails.
 """
 import json
 import logging
@@ -73,6 +74,9 @@ class Config:
     allowed_finish_reasons: list = field(default_factory=lambda: ["stop"])
     """finish_reason values that pass. Add "length" only for models too small or too briefly trained to close their
     turn within max_tokens (a random-weight model never emits <|return|>); a real model must stop on its own."""
+    tools: dict = field(default_factory=dict)
+    """{prompt: ..., tool: {type: function, function: {name, description, parameters}}}: one request with that tool
+    must come back with a call to it whose arguments are a JSON object matching `parameters`; {} skips the check."""
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -102,6 +106,15 @@ class Config:
                 raise ValueError(f"smoke.{name}={getattr(self, name)} must be > 0")
         if self.max_tokens < 1:
             raise ValueError(f"smoke.max_tokens={self.max_tokens} must be >= 1")
+        if self.tools:
+            from steps.fetch import check_tool
+
+            if set(self.tools) != {"prompt", "tool"} or not isinstance(self.tools["prompt"], str) or not self.tools["prompt"].strip():
+                raise ValueError(f"smoke.tools={self.tools!r} must be {{prompt: <a request that needs the tool>, tool: "
+                                 "{type: function, function: {name, description, parameters}}}, or {} to skip the tool-call check")
+            if reason := check_tool(self.tools["tool"]):
+                raise ValueError(f"smoke.tools.tool is unusable ({reason}): give {{type: function, function: {{name: "
+                                 "[A-Za-z0-9_-]+, description, parameters: a JSON schema of type object}}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -220,6 +233,56 @@ def _chat(client: httpx.Client, cfg: Config, model_name: str, language: str) -> 
     return row, checks
 
 
+def check_tool_call(data: dict, tool: dict) -> tuple[dict, list[dict]]:
+    """Checks of a chat completion (OpenAI shape, as `transformers serve` and SGLang's gpt-oss tool parser return it) that
+    was asked with `tool`: it must call that function with JSON-object arguments that match the function's schema."""
+    import jsonschema
+
+    function = tool["function"]
+    choice = data["choices"][0]
+    message = choice["message"]
+    calls = [c.get("function", {}) for c in message.get("tool_calls") or []]
+    row = {"finish_reason": choice.get("finish_reason"), "tool_calls": calls, "content": message.get("content") or "",
+           "completion_tokens": data.get("usage", {}).get("completion_tokens", 0)}
+    call = next((c for c in calls if c.get("name") == function["name"]), None)
+    if call is not None:
+        detail = f"called {function['name']}"
+    elif calls:
+        detail = f"called {', '.join(repr(c.get('name')) for c in calls)}, not {function['name']!r}"
+    else:
+        detail = f"no tool call; answered {row['content'][:120]!r}"
+    checks = [_check("tool_call.called", call is not None, detail),
+              _check("tool_call.finish_reason", row["finish_reason"] == "tool_calls", f"{row['finish_reason']!r} (expected 'tool_calls')")]
+    if call is None:
+        return row, checks
+    try:
+        arguments = json.loads(call.get("arguments") or "")
+    except json.JSONDecodeError as err:
+        arguments, error = None, f"not JSON ({err.msg}): {call.get('arguments')!r}"
+    else:
+        error = None if isinstance(arguments, dict) else f"not a JSON object: {call['arguments']!r}"
+    checks.append(_check("tool_call.arguments_json", error is None, error or call["arguments"]))
+    if error is None:
+        # A function without parameters takes no arguments.
+        schema = function.get("parameters") or {"type": "object", "additionalProperties": False}
+        problem = next(iter(jsonschema.validators.validator_for(schema)(schema).iter_errors(arguments)), None)
+        checks.append(_check("tool_call.arguments_match_schema", problem is None,
+                             f"{problem.message} (at {problem.json_path})" if problem else "match the function's parameters"))
+    return row, checks
+
+
+def _chat_tools(client: httpx.Client, cfg: Config, model_name: str) -> tuple[dict, list[dict]]:
+    body = {"model": model_name, "messages": [{"role": "user", "content": cfg.tools["prompt"]}], "tools": [cfg.tools["tool"]],
+            "max_tokens": cfg.max_tokens, "temperature": cfg.temperature}
+    started = time.monotonic()
+    resp = client.post("/v1/chat/completions", json=body)
+    checks = [_check("tool_call.http_200", resp.status_code == 200, f"HTTP {resp.status_code}")]
+    if resp.status_code != 200:
+        return {"status": resp.status_code, "error": resp.text[:500]}, checks
+    row, call_checks = check_tool_call(resp.json(), cfg.tools["tool"])
+    return {"status": resp.status_code, "latency_s": round(time.monotonic() - started, 3), **row}, checks + call_checks
+
+
 def _chat_stream(client: httpx.Client, cfg: Config, model_name: str, language: str) -> tuple[dict, list[dict]]:
     body = {"model": model_name, "messages": _messages(cfg, language), "max_tokens": cfg.max_tokens,
             "temperature": cfg.temperature, "stream": True}
@@ -284,7 +347,7 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
     port = cfg.port or _free_port(cfg.host)
     base_url = f"http://{cfg.host}:{port}"
     server_log = out_dir / "server.log"
-    checks, requests, startup_s, stream_row = [], [], None, None
+    checks, requests, startup_s, stream_row, tool_row = [], [], None, None, None
     command = server_command(cfg, model_dir=model_dir, port=port)
     log.info("smoke: starting %s", " ".join(command))
     with server_log.open("w") as log_file:
@@ -316,6 +379,13 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
                     requests.append(row)
                     checks += row_checks
                     log.info("smoke: %s: %s in %.1f s", language, "ok" if row["passed"] else "FAILED", row["latency_s"])
+                if cfg.tools:
+                    try:
+                        tool_row, tool_checks = _chat_tools(client, cfg, model_name)
+                    except httpx.TransportError as err:
+                        tool_row, tool_checks = {"status": None}, [_check("tool_call.http_200", False, f"{type(err).__name__}: {err}")]
+                    checks += tool_checks
+                    log.info("smoke: tool call: %s", "ok" if all(c["passed"] for c in tool_checks) else "FAILED")
                 try:
                     stream_row, stream_checks = _chat_stream(client, cfg, model_name, cfg.languages[0])
                 except httpx.TransportError as err:
@@ -330,7 +400,7 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
         "backend": cfg.backend, "model_dir": str(model_dir), "model_name": model_name, "command": command,
         "port": port, "server_pid": proc.pid,
         "startup_s": startup_s, "num_checks": len(checks), "num_failed": len(failed), "checks": checks,
-        "requests": requests, "stream": stream_row,
+        "requests": requests, "stream": stream_row, "tool_call": tool_row,
         "mean_latency_s": round(total_s / len(answered), 3) if answered else 0.0,
         "tokens_per_s": round(sum(r["completion_tokens"] for r in answered) / total_s, 2) if total_s else 0.0,
     }

@@ -138,6 +138,25 @@ def load_tokenizer(model: ModelConfig) -> PreTrainedTokenizerFast:
     return AutoTokenizer.from_pretrained(model.tokenizer_source, revision=revision)
 
 
+# Harmony writes a call's header as `to=functions.NAME<|channel|>commentary <|constrain|>json<|message|>` (gpt-oss itself
+# may put the recipient after the channel); TRL's gpt-oss response template, which `transformers serve` parses replies
+# with, knows only the stock chat template's `commentary json`, and silently drops any other call.
+HARMONY_CALL_OPEN = (r"(?:<\|channel\|>commentary\s*)?to=functions\.(?P<name>[^\s<]+)(?:<\|channel\|>commentary)?"
+                     r"\s*(?:<\|constrain\|>)?json<\|message\|>")
+
+
+def add_response_template(tokenizer):
+    """TRL's gpt-oss response template (reasoning split off by `transformers serve`), parsing Harmony's tool calls too."""
+    from trl.chat_template_utils import add_response_schema
+
+    add_response_schema(tokenizer)
+    assert tokenizer.response_template is not None, "TRL did not recognise the gpt-oss chat template"
+    template = {**tokenizer.response_template, "fields": dict(tokenizer.response_template["fields"])}
+    template["fields"]["tool_calls"] = {**template["fields"]["tool_calls"], "open_pattern": HARMONY_CALL_OPEN}
+    tokenizer.response_template = template
+    return tokenizer
+
+
 def harmony_encoding():
     """openai-harmony's gpt-oss encoding, loaded offline from the cached o200k file unless TIKTOKEN_ENCODINGS_BASE is set."""
     from openai_harmony import HarmonyEncodingName, load_harmony_encoding

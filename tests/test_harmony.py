@@ -1,11 +1,12 @@
 """The harmony step against openai-harmony itself, on every valid row of the bundled fixture."""
 import datetime
 import json
+import re
 
 import datasets
 import pytest
-from openai_harmony import (Conversation, DeveloperContent, Message, ReasoningEffort, RenderConversationConfig, Role,
-                            SystemContent)
+from openai_harmony import (Author, Conversation, DeveloperContent, Message, ReasoningEffort, RenderConversationConfig,
+                            Role, SystemContent, ToolDescription)
 
 from steps import fetch, harmony
 from steps.contract import execute, read_output
@@ -29,8 +30,28 @@ def fetched(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def rows(fetched):
+def all_rows(fetched):
     return [json.loads(line) for line in open(read_output(fetched)["train_path"], encoding="utf-8")]
+
+
+@pytest.fixture(scope="module")
+def rows(all_rows):
+    """The Multilingual-Thinking-shaped rows."""
+    return [r for r in all_rows if not r["tools"]]
+
+
+@pytest.fixture(scope="module")
+def tool_rows(all_rows):
+    """The bundled tool-calling conversations, plus parallel calls (which the stock template cannot render)."""
+    parallel = {"id": "tools-parallel-calls", "tools": next(r["tools"] for r in all_rows if r["id"] == "tools-two-calls"),
+                "reasoning_effort": "high", "messages": [
+                    {"role": "user", "content": "Weather in Madrid and Porto?", "thinking": None},
+                    {"role": "assistant", "content": "", "thinking": "Two cities: two calls at once.", "tool_calls": [
+                        {"name": "get_weather", "arguments": '{"city":"Madrid"}'}, {"name": "get_weather", "arguments": '{"city":"Porto"}'}]},
+                    {"role": "tool", "name": "get_weather", "content": "Madrid: 30 °C", "thinking": None},
+                    {"role": "tool", "name": "get_weather", "content": "Porto: 22 °C", "thinking": None},
+                    {"role": "assistant", "content": "Madrid 30 °C, Porto 22 °C.", "thinking": None}]}
+    return [r for r in all_rows if r["tools"]] + [parallel]
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +95,7 @@ def spans(mask):
 
 
 def test_parity_every_fixture_row_with_openai_harmony(rows, tok, enc):
-    renderer = harmony.HarmonyRenderer(tok)
+    renderer = harmony.HarmonyRenderer(tok, enc)
     num_identical = 0
     for row in rows:
         effort = row["reasoning_effort"] or "medium"
@@ -95,8 +116,8 @@ def test_parity_every_fixture_row_with_openai_harmony(rows, tok, enc):
     assert num_identical == len(rows) >= 100
 
 
-def test_loss_on_all_assistant_trains_earlier_final_messages(rows, tok):
-    renderer = harmony.HarmonyRenderer(tok)
+def test_loss_on_all_assistant_trains_earlier_final_messages(rows, tok, enc):
+    renderer = harmony.HarmonyRenderer(tok, enc)
     multi = [r for r in rows if sum(m["role"] == "assistant" for m in r["messages"]) > 1]
     assert len(multi) >= 10
     for row in multi:
@@ -112,7 +133,7 @@ def test_loss_on_all_assistant_trains_earlier_final_messages(rows, tok):
 
 def test_literal_control_token_text_in_user_content_stays_text(rows, tok, enc):
     row = next(r for r in rows if "<|end|>" in r["messages"][1]["content"])
-    ids, _ = harmony.HarmonyRenderer(tok).render(row["messages"], effort="medium", current_date=DATE, loss_on="last_assistant")
+    ids, _ = harmony.HarmonyRenderer(tok, enc).render(row["messages"], effort="medium", current_date=DATE, loss_on="last_assistant")
     user_header = tok.encode("<|start|>user<|message|>", add_special_tokens=False)
     start = next(i for i in range(len(ids)) if ids[i:i + len(user_header)] == user_header) + len(user_header)
     stop = ids.index(tok.convert_tokens_to_ids("<|end|>"), start)
@@ -121,12 +142,148 @@ def test_literal_control_token_text_in_user_content_stays_text(rows, tok, enc):
     assert ids[start:stop] == enc.encode(row["messages"][1]["content"], disallowed_special=())
 
 
+def tool_reference(row, effort):
+    """openai-harmony's objects for a chat-format row with tools, built here independently of the step's code."""
+    system = SystemContent.new().with_reasoning_effort(ReasoningEffort(effort.capitalize())).with_conversation_start_date(DATE)
+    developer = DeveloperContent.new().with_function_tools(
+        [ToolDescription.new(t["name"], t["description"], parameters=t["parameters"]) for t in row["tools"]])
+    turns = row["messages"]
+    if turns[0]["role"] == "system":
+        developer = developer.with_instructions(turns[0]["content"])
+        turns = turns[1:]
+    msgs = [Message.from_role_and_content(Role.SYSTEM, system), Message.from_role_and_content(Role.DEVELOPER, developer)]
+    last_user = max(i for i, m in enumerate(turns) if m["role"] == "user")
+    for i, m in enumerate(turns):
+        if m["role"] == "user":
+            msgs.append(Message.from_role_and_content(Role.USER, m["content"]))
+        elif m["role"] == "tool":
+            msgs.append(Message.from_author_and_content(Author.new(Role.TOOL, f"functions.{m['name']}"), m["content"])
+                        .with_channel("commentary").with_recipient("assistant"))
+        else:
+            if i > last_user and m["thinking"]:
+                msgs.append(Message.from_role_and_content(Role.ASSISTANT, m["thinking"]).with_channel("analysis"))
+            for call in m.get("tool_calls", []):
+                msgs.append(Message.from_role_and_content(Role.ASSISTANT, call["arguments"]).with_channel("commentary")
+                            .with_recipient(f"functions.{call['name']}").with_content_type("<|constrain|>json"))
+            if not m.get("tool_calls"):
+                msgs.append(Message.from_role_and_content(Role.ASSISTANT, m["content"]).with_channel("final"))
+    return msgs
+
+
+def expected_loss_spans(enc, msgs):
+    """Where the loss must be, from openai-harmony alone: each stretch the model generates after the last user message
+    starts after a completion prompt (`<|start|>assistant` following the user or a tool result or a call) and runs
+    through the <|call|> or <|return|> that stops generation."""
+    last_user = max(k for k, m in enumerate(msgs) if m.author.role == Role.USER)
+    spans_out = []
+    for k in range(last_user + 1, len(msgs)):
+        if msgs[k].author.role != Role.ASSISTANT or msgs[k - 1].channel == "analysis":
+            continue
+        start = len(enc.render_conversation_for_completion(Conversation.from_messages(msgs[:k]), Role.ASSISTANT, KEEP_ANALYSIS))
+        stop_at = next(j for j in range(k, len(msgs)) if msgs[j].recipient or j == len(msgs) - 1)
+        stop = len(enc.render_conversation_for_training(Conversation.from_messages(msgs[:stop_at + 1]), KEEP_ANALYSIS))
+        spans_out.append((start, stop))
+    return spans_out
+
+
+def marked(tok, ids, mask):
+    """The decoded rendering with each loss span in [[ ]]."""
+    text, prev = "", 0
+    for start, stop in spans(mask):
+        text += tok.decode(ids[prev:start]) + "[[" + tok.decode(ids[start:stop]) + "]]"
+        prev = stop
+    return text + tok.decode(ids[prev:])
+
+
+def test_parity_tool_conversations_with_openai_harmony_masks_span_by_span(tool_rows, tok, enc):
+    renderer = harmony.HarmonyRenderer(tok, enc)
+    assert {"tools-single-call", "tools-two-calls", "tools-last-turn-call", "tools-non-latin", "tools-no-thinking",
+            "tools-control-text", "tools-ends-in-call", "tools-parallel-calls"} <= {r["id"] for r in tool_rows}
+    num_checked = 0
+    for row in tool_rows:
+        effort = row["reasoning_effort"] or "medium"
+        ids, mask = renderer.render(row["messages"], tools=row["tools"], effort=effort, current_date=DATE, loss_on="last_assistant")
+        msgs = tool_reference(row, effort)
+        assert ids == enc.render_conversation_for_training(Conversation.from_messages(msgs), KEEP_ANALYSIS), row["id"]
+        assert spans(mask) == expected_loss_spans(enc, msgs), row["id"]
+        # What is learned: the trained stretches hold every call of the last turn and nothing of a tool result.
+        trained = tok.decode([t for t, m in zip(ids, mask) if m])
+        last_user = max(i for i, m in enumerate(row["messages"]) if m["role"] == "user")
+        for m in row["messages"][last_user:]:
+            for call in m.get("tool_calls", []):
+                assert f" to=functions.{call['name']}<|channel|>commentary <|constrain|>json<|message|>{call['arguments']}<|call|>" in trained
+        assert not any(m["content"] in trained for m in row["messages"] if m["role"] == "tool")
+        num_checked += 1
+    two_calls = next(r for r in tool_rows if r["id"] == "tools-two-calls")
+    ids, mask = renderer.render(two_calls["messages"], tools=two_calls["tools"], effort="medium", current_date=DATE, loss_on="last_assistant")
+    text = marked(tok, ids, mask)
+    print(f"\ntool parity: {num_checked}/{len(tool_rows)} tool conversations token-identical to openai-harmony, loss spans "
+          f"checked against its completion prompts\n--- tools-two-calls, loss spans in [[ ]]:\n{text[text.index('<|start|>user'):]}")
+    assert num_checked == len(tool_rows)
+    assert text.count("[[") == 3 and text.endswith("<|return|>]]")
+    assert "<|start|>assistant[[ to=functions.get_weather" not in text  # one span holds analysis + call, as generated
+
+
+def test_earlier_turn_calls_keep_their_call_lose_their_analysis_and_train_only_with_all_assistant(tool_rows, tok, enc):
+    row = next(r for r in tool_rows if r["id"] == "tools-earlier-turn-call")
+    renderer = harmony.HarmonyRenderer(tok, enc)
+    ids, mask = renderer.render(row["messages"], tools=row["tools"], effort="medium", current_date=DATE, loss_on="last_assistant")
+    text = tok.decode(ids)
+    assert row["messages"][2]["thinking"] not in text and '<|constrain|>json<|message|>{"city": "Rome"}<|call|>' in text
+    assert len(spans(mask)) == 1
+    all_ids, all_mask = renderer.render(row["messages"], tools=row["tools"], effort="medium", current_date=DATE, loss_on="all_assistant")
+    assert all_ids == ids
+    found = [tok.decode(ids[a:b]) for a, b in spans(all_mask)]
+    assert found[:2] == [' to=functions.get_weather<|channel|>commentary <|constrain|>json<|message|>{"city": "Rome"}<|call|>',
+                         "<|channel|>final<|message|>Rome is at 27 °C.<|end|>"] and len(found) == 3
+
+
+def test_literal_control_token_text_in_tool_results_stays_text(tool_rows, tok, enc):
+    row = next(r for r in tool_rows if r["id"] == "tools-control-text")
+    ids, _ = harmony.HarmonyRenderer(tok, enc).render(row["messages"], tools=row["tools"], effort="medium", current_date=DATE,
+                                                      loss_on="last_assistant")
+    for m in (row["messages"][1], row["messages"][3]):  # the user's text and the tool's result
+        assert "<|" in m["content"]
+        body = enc.encode(m["content"], disallowed_special=())
+        assert all(t < CONTROL_MIN_ID for t in body)
+        assert any(ids[k:k + len(body)] == body for k in range(len(ids))), m["role"]
+
+
+def test_hf_stock_template_on_tool_conversations_differs_only_where_documented(tool_rows, tok, enc):
+    today = datetime.date.today().isoformat()
+    renderer = harmony.HarmonyRenderer(tok, enc)
+    for row in tool_rows:
+        if row["id"] == "tools-parallel-calls":
+            with pytest.raises(ValueError, match="renders only the first tool call.*harmony.template=openai-harmony"):
+                harmony.render_hf_stock(tok, row["messages"], tools=row["tools"], effort="medium", loss_on="last_assistant")
+            continue
+        ref_ids, ref_mask = renderer.render(row["messages"], tools=row["tools"], effort="medium", current_date=DATE, loss_on="last_assistant")
+        ids, mask = harmony.render_hf_stock(tok, row["messages"], tools=row["tools"], effort="medium", loss_on="last_assistant")
+
+        def documented(text, *, whole):
+            if row["messages"][-1].get("tool_calls") is None:  # analysis beside a call is dropped once a final follows
+                text = re.sub(r"<\|channel\|>analysis<\|message\|>[^<]*<\|end\|><\|start\|>assistant(?= to=)", "", text)
+            text = text.replace(" <|constrain|>json<|message|>", " json<|message|>")  # "json" as text, no <|constrain|>
+            if whole:
+                text = text.replace(f"Current date: {DATE}", f"Current date: {today}")
+                text = text.replace("// default: celsius\n", "// default: celsius,\n")  # a comma after an enum's default
+                for m in row["messages"]:  # results written as JSON strings (tojson)
+                    if m["role"] == "tool":
+                        text = text.replace(f"<|message|>{m['content']}<|end|>", f"<|message|>{json.dumps(m['content'], ensure_ascii=False)}<|end|>")
+            return text
+
+        assert tok.decode(ids) == documented(tok.decode(ref_ids), whole=True), row["id"]
+        trained = tok.decode([t for t, m in zip(ids, mask) if m])
+        assert trained == documented(tok.decode([t for t, m in zip(ref_ids, ref_mask) if m]), whole=False), row["id"]
+
+
 def _run(fetched, tmp_path, **overrides):
     cfg = harmony.Config(model=MODEL, current_date=DATE, **overrides)
     return harmony.run(cfg, out_dir=tmp_path, inputs={"fetch": fetched}, tracker=NullTracker())
 
 
-def test_execute_writes_manifest_data_tokenizer_and_stats(fetched, rows, tmp_path):
+def test_execute_writes_manifest_data_tokenizer_and_stats(fetched, all_rows, tool_rows, tmp_path):
+    rows = all_rows
     manifest, skipped = execute("harmony", harmony.Config(model=MODEL, current_date=DATE, reasoning_effort="high"),
                                 out_dir=tmp_path, inputs={"fetch": fetched})
     assert not skipped and (tmp_path / "manifest.json").is_file()
@@ -139,6 +296,7 @@ def test_execute_writes_manifest_data_tokenizer_and_stats(fetched, rows, tmp_pat
     stats = out["length_stats"]
     assert stats["all"]["min"] <= stats["all"]["p50"] <= stats["all"]["p95"] <= stats["all"]["max"]
     assert {"English", "French", "Japanese", "Russian"} <= set(stats["by_language"])
+    assert stats["with_tools"]["num"] == len(tool_rows) - 1 and stats["with_tools"]["max"] <= stats["all"]["max"]
     # Per-row effort overrides the profile's (high here).
     tok = build_offline_tokenizer()
     for row, ids in zip(rows, ds["input_ids"]):
@@ -150,27 +308,31 @@ def test_execute_writes_manifest_data_tokenizer_and_stats(fetched, rows, tmp_pat
                    out_dir=tmp_path, inputs={"fetch": fetched})[1]
 
 
-def test_overflow_policies(fetched, tmp_path):
+def test_overflow_policies(fetched, tool_rows, tmp_path):
     full = _run(fetched, tmp_path / "full")
-    lengths = [len(x) for x in datasets.load_from_disk(tmp_path / "full" / full.data_dir)["input_ids"]]
+    data = datasets.load_from_disk(tmp_path / "full" / full.data_dir)
+    lengths = [len(x) for x in data["input_ids"]]
     limit = sorted(lengths)[len(lengths) // 2]
-    num_over = sum(n > limit for n in lengths)
-    assert num_over > 0
+    over = [i for i, n in enumerate(lengths) if n > limit]
+    # Truncation keeps a row only when a trained token is left; a long tool namespace can fill the limit by itself.
+    num_cut = sum(any(data["assistant_masks"][i][:limit]) for i in over)
+    tool_ids = {r["id"] for r in tool_rows}
+    assert len(over) > num_cut > 0 and any(data["id"][i] in tool_ids for i in over)
 
     dropped = _run(fetched, tmp_path / "drop", max_length=limit, overflow="drop")
-    assert (dropped.num_dropped_overflow, dropped.num_truncated, dropped.num_rows) == (num_over, 0, len(lengths) - num_over)
+    assert (dropped.num_dropped_overflow, dropped.num_truncated, dropped.num_rows) == (len(over), 0, len(lengths) - len(over))
 
     cut = _run(fetched, tmp_path / "cut", max_length=limit, overflow="truncate")
-    assert (cut.num_dropped_overflow, cut.num_truncated, cut.num_rows) == (0, num_over, len(lengths))
+    assert (cut.num_dropped_overflow, cut.num_truncated, cut.num_rows) == (len(over) - num_cut, num_cut, len(lengths) - len(over) + num_cut)
     assert max(len(x) for x in datasets.load_from_disk(tmp_path / "cut" / cut.data_dir)["input_ids"]) == limit
 
     with pytest.raises(ValueError, match=r"harmony\.max_length=\d+; raise harmony\.max_length"):
         _run(fetched, tmp_path / "error", max_length=limit, overflow="error")
 
 
-def test_hf_stock_template_differs_only_where_documented(rows, tok):
+def test_hf_stock_template_differs_only_where_documented(rows, tok, enc):
     row = next(r for r in rows if sum(m["role"] == "assistant" for m in r["messages"]) > 1)
-    ref_ids, ref_mask = harmony.HarmonyRenderer(tok).render(row["messages"], effort="low", current_date=DATE, loss_on="all_assistant")
+    ref_ids, ref_mask = harmony.HarmonyRenderer(tok, enc).render(row["messages"], effort="low", current_date=DATE, loss_on="all_assistant")
     ids, mask = harmony.render_hf_stock(tok, row["messages"], effort="low", loss_on="all_assistant")
     text = tok.decode(ids)
     today = datetime.date.today().isoformat()

@@ -103,6 +103,10 @@ def test_saved_folder_serves_reasoning(merged_run):
         "<|channel|>analysis<|message|>Think first.<|end|><|start|>assistant<|channel|>final<|message|>Hello!<|return|>",
         prefix=prompt)
     assert parsed["thinking"] == "Think first." and parsed["content"] == "Hello!"
+    # A call as the harmony step trains it (<|constrain|>json) parses; TRL's own template would drop it silently.
+    call = saved.parse_response('<|channel|>analysis<|message|>Call it.<|end|><|start|>assistant to=functions.get_weather'
+                                '<|channel|>commentary <|constrain|>json<|message|>{"city": "東京"}<|call|>', prefix=prompt)
+    assert call["tool_calls"] == [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "東京"}}}]
     config = json.loads((model_dir / "config.json").read_text())
     assert config["use_cache"] is True and config["architectures"] == ["GptOssForCausalLM"]
     generation = json.loads((model_dir / "generation_config.json").read_text())

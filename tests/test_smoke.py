@@ -8,8 +8,10 @@ Harmony completion (English reasoning, then <|return|>). Real parsing, streaming
 import json
 import os
 import socket
+import subprocess
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -140,3 +142,107 @@ def test_sglang_command_uses_the_gpt_oss_parsers():
     joined = " ".join(command)
     assert "--model-path /m --served-model-name reasoner --tp 8" in joined
     assert "--reasoning-parser gpt-oss --tool-call-parser gpt-oss" in joined
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"], "additionalProperties": False}}}
+TOOL_CHECK = {"prompt": "What is the weather in Paris right now?", "tool": WEATHER_TOOL}
+# What each hand-wired model writes after "<|start|>assistant": a call as the harmony step trains it, or a prose answer.
+CALL_COMPLETION = ' to=functions.get_weather<|channel|>commentary <|constrain|>json<|message|>{"city": "Paris"}<|call|>'
+PROSE_COMPLETION = "<|channel|>final<|message|>It is sunny in Paris today.<|return|>"
+
+
+def _merge_dir_answering(out: Path, completion: str) -> Path:
+    """A finished merge step's out dir whose model writes `completion` after any prompt, with merge's response template."""
+    from steps.tokenizer import add_response_template, build_offline_tokenizer
+
+    tokenizer = add_response_template(build_offline_tokenizer())
+    prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tools=[WEATHER_TOOL],
+                                               add_generation_prompt=True, tokenize=True, return_dict=False)
+    model = _bigram_model(tokenizer, completion_ids=tokenizer.encode(completion, add_special_tokens=False),
+                          start_id=prompt_ids[-1])
+    model.save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")
+    write_json_atomic(out / "manifest.json", {"step": "merge", "fingerprint": "test", "output": {"model_dir": "model"}})
+    return out
+
+
+@pytest.mark.integration
+def test_tool_call_check_fails_on_a_model_answering_in_prose(tmp_path_factory, tmp_path):
+    merge = _merge_dir_answering(tmp_path_factory.mktemp("prose"), PROSE_COMPLETION)
+    cfg = smoke.Config(backend="transformers", port=0, languages=["English"], max_tokens=32, require_reasoning=False,
+                       check_language=False, startup_timeout_s=180, request_timeout_s=120, tools=TOOL_CHECK)
+
+    with pytest.raises(RuntimeError, match=r"failed 2/\d+ checks: tool_call\.called, tool_call\.finish_reason; see"):
+        smoke.run(cfg, out_dir=tmp_path, inputs={"merge": merge}, tracker=NullTracker())
+
+    report = json.loads((tmp_path / "report.json").read_text())
+    tool_checks = [c for c in report["checks"] if c["name"].startswith("tool_call.")]
+    print("\nsmoke tool-call check, model answering in prose:\n" + "\n".join(
+        f"  {c['name']}: {'pass' if c['passed'] else 'FAIL'} ({c['detail']})" for c in tool_checks))
+    assert [(c["name"], c["passed"]) for c in tool_checks] == [
+        ("tool_call.http_200", True), ("tool_call.called", False), ("tool_call.finish_reason", False)]
+    assert report["tool_call"]["content"] == "It is sunny in Paris today." and report["tool_call"]["tool_calls"] == []
+    assert "'It is sunny in Paris today.'" in tool_checks[1]["detail"]
+    assert "| tool_call.called | **FAIL** |" in (tmp_path / "report.md").read_text()
+    assert _server_gone(report)
+
+
+@pytest.mark.integration
+def test_tool_call_check_passes_on_a_model_that_calls(tmp_path_factory, tmp_path):
+    # This model answers every request with the call, so the step's language requests (finish_reason "tool_calls", no
+    # reasoning) cannot pass: the step's own tool request runs here against the real server, started as the step does.
+    merge = _merge_dir_answering(tmp_path_factory.mktemp("calls"), CALL_COMPLETION)
+    cfg = smoke.Config(backend="transformers", port=0, max_tokens=32, startup_timeout_s=180, request_timeout_s=120,
+                       tools=TOOL_CHECK)
+    model_dir = merge / "model"
+    port = smoke._free_port(cfg.host)
+    with (tmp_path / "server.log").open("w") as log_file:
+        proc = subprocess.Popen(smoke.server_command(cfg, model_dir=model_dir, port=port), stdout=log_file,
+                                stderr=subprocess.STDOUT, start_new_session=True, env=smoke._server_env(cfg, tmp_path))
+    try:
+        smoke._wait_ready(proc, f"http://{cfg.host}:{port}/health", timeout_s=cfg.startup_timeout_s, server_log=tmp_path / "server.log")
+        with httpx.Client(base_url=f"http://{cfg.host}:{port}", timeout=cfg.request_timeout_s) as client:
+            row, checks = smoke._chat_tools(client, cfg, str(model_dir))
+    finally:
+        smoke._stop(proc, cfg.stop_grace_s)
+    print("\nsmoke tool-call check, model that calls:\n" + "\n".join(
+        f"  {c['name']}: {'pass' if c['passed'] else 'FAIL'} ({c['detail']})" for c in checks))
+    assert [c["name"] for c in checks if c["passed"]] == ["tool_call.http_200", "tool_call.called", "tool_call.finish_reason",
+                                                          "tool_call.arguments_json", "tool_call.arguments_match_schema"]
+    assert row["tool_calls"] == [{"name": "get_weather", "arguments": '{"city": "Paris"}'}] and row["content"] == ""
+
+
+def _completion(calls=(), content=""):
+    return {"choices": [{"finish_reason": "tool_calls" if calls else "stop", "message": {
+        "role": "assistant", "content": content,
+        "tool_calls": [{"id": f"c{k}", "type": "function", "function": {"name": n, "arguments": a}} for k, (n, a) in enumerate(calls)] or None}}],
+        "usage": {"completion_tokens": 9}}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("calls, failed, detail", [
+    ([("get_weather", '{"city": "Paris"}')], [], "match the function's parameters"),
+    ([("get_time", "{}")], ["tool_call.called"], "called 'get_time', not 'get_weather'"),
+    ([("get_weather", "Paris")], ["tool_call.arguments_json"], "not JSON"),
+    ([("get_weather", '["Paris"]')], ["tool_call.arguments_json"], "not a JSON object"),
+    ([("get_weather", '{"town": "Paris"}')], ["tool_call.arguments_match_schema"], "'city' is a required property"),
+    ([("get_weather", '{"city": 75}')], ["tool_call.arguments_match_schema"], "75 is not of type 'string' (at $.city)"),
+])
+def test_check_tool_call_reasons(calls, failed, detail):
+    _, checks = smoke.check_tool_call(_completion(calls), WEATHER_TOOL)
+    assert [c["name"] for c in checks if not c["passed"]] == failed
+    assert detail in " ".join(c["detail"] for c in checks)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("tools, message", [
+    ({"prompt": "Weather?"}, "smoke.tools=.* must be"),
+    ({"prompt": "Weather?", "tool": {"type": "function", "function": {"name": "get weather"}}}, r"smoke\.tools\.tool is unusable \(bad_tool_definition\)"),
+    ({"prompt": "Weather?", "tool": {"type": "function", "function": {"name": "w", "parameters": {"type": "array"}}}},
+     r"unusable \(tool_parameters_not_object_schema\)"),
+])
+def test_tool_check_config_errors_name_the_field(tools, message):
+    with pytest.raises(ValueError, match=message):
+        smoke.Config(tools=tools)
