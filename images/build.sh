@@ -23,7 +23,8 @@ done
 
 version=$(python3 -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
 sha=$(git rev-parse --short=12 HEAD)
-[ -z "$(git status --porcelain -- steps flows configs images pyproject.toml requirements.lock)" ] || sha="$sha-dirty"
+code=(steps flows configs images pyproject.toml requirements.lock)
+[ -z "$(git status --porcelain -- "${code[@]}")" ] || sha="$sha-dirty-$(git diff HEAD -- "${code[@]}" | sha256sum | cut -c1-8)"
 
 ENGINE_PID_FILE=/run/finetune-dockerd.pid
 start_engine() {

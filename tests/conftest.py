@@ -26,10 +26,10 @@ def pytest_collection_modifyitems(config, items):
 def step_images():
     """The three step images, built once per session by `images/build.sh --local-base` (no registry here). Where no
     Docker engine was running, build.sh starts one; it is stopped again at the end, with any container a test left."""
+    import re
     import signal
     import subprocess
     import time
-    import tomllib
     from pathlib import Path
 
     repo = Path(__file__).resolve().parent.parent
@@ -40,8 +40,9 @@ def step_images():
                                timeout=3600)
         print(build.stdout)
         assert build.returncode == 0, build.stdout + build.stderr[-5000:]
-        yield {"version": tomllib.loads((repo / "pyproject.toml").read_text())["project"]["version"],
-               "build_log": build.stdout}
+        # The git-sha tag, not the version tag: a build from another checkout retags :<version> under a running test.
+        tag = re.search(r"\(= :(\S+)\)", build.stdout).group(1)
+        yield {"tag": tag, "build_log": build.stdout}
     finally:
         left = subprocess.run(["docker", "ps", "-aq", "--filter", "label=finetune-test"], capture_output=True, text=True)
         if left.stdout.split():

@@ -21,7 +21,7 @@ CALLER = (4321, 4321)  # an arbitrary non-root caller: what lands on the volume 
 def docker_step(images, step, volume, *args, config="configs/tiny-cpu.yaml", mount=True, out=None, runtime=None):
     inputs = [f"--input={up}=/runs/{up}" for up in step_module(step).INPUTS]
     command = ["docker", "run", "--rm", "--network", "host", "--label", "finetune-test=1", "--user", "%d:%d" % CALLER,
-               *(["-v", f"{volume}:/runs"] if mount else []), f"finetune-{runtime or RUNTIMES[step]}:{images['version']}",
+               *(["-v", f"{volume}:/runs"] if mount else []), f"finetune-{runtime or RUNTIMES[step]}:{images['tag']}",
                "finetune", "step", step, "--config", config, "--out", out or f"/runs/{step}", *inputs, *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=1200)
 
