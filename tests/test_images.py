@@ -83,7 +83,11 @@ def test_container_outputs_equal_host_outputs(container_run, host_run):
     assert (volume / "fetch" / "train.jsonl").read_bytes() == (host_run / "fetch" / "train.jsonl").read_bytes()
     inside, outside = (manifest(root, "train")["output"] for root in (volume, host_run))
     assert inside["num_steps"] == outside["num_steps"] > 0
-    assert inside["loss_curve"] == outside["loss_curve"]
+    # Two CPU trainings on the same seed agree to float noise, not bit for bit (thread reductions), inside or outside
+    # a container alike: the tolerance is the in-process resume test's (tests/test_train.py).
+    assert [step for step, _ in inside["loss_curve"]] == [step for step, _ in outside["loss_curve"]]
+    for (step, loss_in), (_, loss_out) in zip(inside["loss_curve"], outside["loss_curve"]):
+        assert loss_in == pytest.approx(loss_out, abs=2e-3), step
 
 
 def test_finished_steps_are_skipped_across_the_container_boundary(step_images, container_run, host_run):
