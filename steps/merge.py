@@ -106,7 +106,7 @@ class Output:
     bf16_model_dir: str = ""
     """The unrounded merge beside an MXFP4 export (merge.keep_bf16=true); empty otherwise."""
     retention: dict = field(default_factory=dict)
-    """export=mxfp4: share of the fine-tune's logit effect kept, eval loss of base / bf16 merge / MXFP4 export, mean
+    """export=mxfp4: share of the fine-tune's logit effect kept, eval loss of base / merge (merge.dtype) / MXFP4 export, mean
     KL divergences, and the probe they were measured on."""
 
 
@@ -172,8 +172,8 @@ def retention_refusal(figures: dict, *, min_retention: float) -> str:
     return (f"merge.export=mxfp4 refused: the MXFP4 export keeps {f['retention']:.1%} of the fine-tune's effect on the "
             f"probe logits, below merge.min_retention={min_retention:.1%} ({f['probe_split']} split, "
             f"{f['num_probe_rows']} rows, {f['num_probe_positions']} tokens; eval loss base {f['eval_loss_base']:.4f}, "
-            f"bf16 merge {f['eval_loss_bf16']:.4f}, MXFP4 {f['eval_loss_mxfp4']:.4f}; mean KL(merge || base) "
-            f"{f['kl_bf16_vs_base']:.3g}, KL(merge || MXFP4) {f['kl_mxfp4_vs_bf16']:.3g}). Nothing was saved. Options: "
+            f"merge {f['eval_loss_merged']:.4f}, MXFP4 {f['eval_loss_mxfp4']:.4f}; mean KL(merge || base) "
+            f"{f['kl_merged_vs_base']:.3g}, KL(merge || MXFP4) {f['kl_mxfp4_vs_merged']:.3g}). Nothing was saved. Options: "
             "set merge.export=bf16 (ships the merge unrounded, ~3x the bytes); train longer or with a higher rank "
             "(train.lora_r) so the fine-tune's weight changes stand above MXFP4's rounding step; lower "
             "merge.min_retention if this loss is acceptable; quantization-aware training (not in this pipeline yet)")
@@ -233,8 +233,8 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
     for (row, labels), base_logits in zip(rows, base_row_logits):
         logits = logits_of(merged, row)[0]
         stats.add_loss("base", base_logits, labels[0])
-        stats.add_loss("bf16", logits, labels[0])
-        stats.add_pair("bf16_vs_base", logits, base_logits)
+        stats.add_loss("merged", logits, labels[0])
+        stats.add_pair("merged_vs_base", logits, base_logits)
         merged_row_logits.append(logits)
     del base_row_logits
     stats.num_loss_tokens = sum(int((labels[0, 1:] != -100).sum()) for _, labels in rows)
@@ -264,13 +264,13 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
         for (row, labels), logits in zip(rows, merged_row_logits):
             exported_logits = logits_of(exported, row)[0]
             stats.add_loss("mxfp4", exported_logits, labels[0])
-            stats.add_pair("mxfp4_vs_bf16", logits, exported_logits)
+            stats.add_pair("mxfp4_vs_merged", logits, exported_logits)
         del exported
-        figures = {"retention": stats.retention(kept="mxfp4_vs_bf16", effect="bf16_vs_base"),
+        figures = {"retention": stats.retention(kept="mxfp4_vs_merged", effect="merged_vs_base"),
                    "min_retention": cfg.min_retention, "probe_split": split, "num_probe_rows": len(rows),
                    "num_probe_positions": stats.num_positions, "num_loss_tokens": stats.num_loss_tokens,
-                   **{f"eval_loss_{k}": stats.loss(k) for k in ("base", "bf16", "mxfp4")},
-                   "kl_bf16_vs_base": stats.kl("bf16_vs_base"), "kl_mxfp4_vs_bf16": stats.kl("mxfp4_vs_bf16")}
+                   **{f"eval_loss_{k}": stats.loss(k) for k in ("base", "merged", "mxfp4")},
+                   "kl_merged_vs_base": stats.kl("merged_vs_base"), "kl_mxfp4_vs_merged": stats.kl("mxfp4_vs_merged")}
         if figures["retention"] is None:
             log.warning("merge: the fine-tune moved no logit on the probe; MXFP4 retention is undefined, not checked")
         elif figures["retention"] < cfg.min_retention:
@@ -286,8 +286,8 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
         finally:  # a refused export leaves no half-checked folder behind (save_dir_atomic's staging name)
             shutil.rmtree(out_dir / ".model.tmp", ignore_errors=True)
         log.info("merge: MXFP4 export kept %s of the fine-tune's logit effect (%s split, %d rows); eval loss base "
-                 "%.4f, bf16 %.4f, MXFP4 %.4f", "n/a" if figures["retention"] is None else f"{figures['retention']:.1%}",
-                 split, len(rows), figures["eval_loss_base"], figures["eval_loss_bf16"], figures["eval_loss_mxfp4"])
+                 "%.4f, merge %.4f, MXFP4 %.4f", "n/a" if figures["retention"] is None else f"{figures['retention']:.1%}",
+                 split, len(rows), figures["eval_loss_base"], figures["eval_loss_merged"], figures["eval_loss_mxfp4"])
     architectures = json.loads((out_dir / "model" / "config.json").read_text())["architectures"]
     num_bytes = mxfp4.weights_bytes(out_dir / "model")
     output = Output(model_dir="model", architectures=architectures, max_abs_logit_diff=diff,

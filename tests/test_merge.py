@@ -180,6 +180,6 @@ def test_mxfp4_export_has_the_release_layout_and_records_retention(lora_train_di
     fig = out.retention
     assert out.export == "mxfp4" and out.num_bytes == sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
     assert fig["probe_split"] == "fixed chat" and fig["num_probe_rows"] == 1
-    assert fig["retention"] < 1 and fig["kl_bf16_vs_base"] > fig["kl_mxfp4_vs_bf16"] > 0
-    assert fig["eval_loss_base"] != fig["eval_loss_bf16"] != fig["eval_loss_mxfp4"]
+    assert fig["retention"] < 1 and fig["kl_merged_vs_base"] > fig["kl_mxfp4_vs_merged"] > 0
+    assert fig["eval_loss_base"] != fig["eval_loss_merged"] != fig["eval_loss_mxfp4"]
     print("tiny LoRA fixture, MXFP4 export:", fig)

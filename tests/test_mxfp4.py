@@ -105,7 +105,7 @@ def test_release_checkpoint_exported_without_training_is_byte_exact(tmp_path, to
     assert sum(name.endswith("_blocks") for name in exported) == 4
     assert (source["model.layers.0.mlp.experts.gate_up_proj_blocks"] & 0x0F == 8).any()  # -0 codes survived too
     assert out.retention["retention"] is None  # nothing was trained: nothing to keep, nothing refused
-    assert out.retention["eval_loss_mxfp4"] == out.retention["eval_loss_bf16"]
+    assert out.retention["eval_loss_mxfp4"] == out.retention["eval_loss_merged"]
     print(f"round trip: {len(source)} tensors byte-identical, {out.num_bytes} bytes")
 
 
@@ -130,7 +130,7 @@ def test_lora_on_some_experts_leaves_the_others_byte_exact(tmp_path, tokenizer):
     for suffix in ("gate_up_proj_blocks", "gate_up_proj_scales", "down_proj_blocks", "down_proj_scales"):
         assert torch.equal(exported[f"model.layers.1.mlp.experts.{suffix}"], source[f"model.layers.1.mlp.experts.{suffix}"])
         assert not torch.equal(exported[f"model.layers.0.mlp.experts.{suffix}"], source[f"model.layers.0.mlp.experts.{suffix}"])
-    assert out.retention["retention"] is not None and out.retention["kl_bf16_vs_base"] > 0
+    assert out.retention["retention"] is not None and out.retention["kl_merged_vs_base"] > 0
 
 
 @pytest.mark.parametrize("num_bytes, gpu", [(13_761_000_000, "16 GB"), (41_800_000_000, "48 GB"),

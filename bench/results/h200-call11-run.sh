@@ -1,7 +1,7 @@
 # One call on nvidia-h200: bench/export_mxfp4.py at the exact gpt-oss-20b shape (random base + a LoRA trained 60 steps),
 # merge.export=mxfp4 then merge.export=bf16 through steps/merge.py. Run from a bundle of this branch (steps/, configs/,
-# A first try stopped at the bf16 merge check (2.43 vs the adapter's 6.67); the MXFP4 run now merges in float32.
-# bench/, the carried wheels in whl/, the offline-built tokenizer gzipped in tokenizer/).
+# bench/, the carried wheels in whl/, the offline-built tokenizer gzipped in tokenizer/) copied to build/wt15 and carried.
+# A first try (11a) stopped at the bf16 merge check (2.43 vs the adapter's 6.67); the MXFP4 run now merges in float32.
 set -o pipefail
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1
 T0=$SECONDS
