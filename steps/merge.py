@@ -248,8 +248,10 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
         tokenizer.save_pretrained(tmp)
         fix_config(tmp)
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=DTYPES[cfg.dtype], device_map=cfg.device).eval()
-        reload_diff = check_close(logits_of(reloaded, ids), merged_logits, tolerance=cfg.probe_tolerance,
-                                  what="reloaded from disk vs merged")
+        diff_on_reload = check_close(logits_of(reloaded, ids), merged_logits, tolerance=cfg.probe_tolerance,
+                                     what="reloaded from disk vs merged")
+        if cfg.export == "bf16":  # beside an MXFP4 export, the recorded reload is model/'s
+            reload_diff = diff_on_reload
         del reloaded
 
     def write_mxfp4(tmp: Path):
@@ -279,12 +281,12 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
     if cfg.export == "bf16":
         save_dir_atomic(out_dir / "model", write_bf16)
     else:
-        if cfg.keep_bf16:
-            save_dir_atomic(out_dir / "model-bf16", write_bf16)
         try:
             save_dir_atomic(out_dir / "model", write_mxfp4)
         finally:  # a refused export leaves no half-checked folder behind (save_dir_atomic's staging name)
             shutil.rmtree(out_dir / ".model.tmp", ignore_errors=True)
+        if cfg.keep_bf16:  # after the export passed: a refusal saves nothing at all
+            save_dir_atomic(out_dir / "model-bf16", write_bf16)
         log.info("merge: MXFP4 export kept %s of the fine-tune's logit effect (%s split, %d rows); eval loss base "
                  "%.4f, merge %.4f, MXFP4 %.4f", "n/a" if figures["retention"] is None else f"{figures['retention']:.1%}",
                  split, len(rows), figures["eval_loss_base"], figures["eval_loss_merged"], figures["eval_loss_mxfp4"])

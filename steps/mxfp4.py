@@ -131,7 +131,8 @@ class ProbeStats:
         a, b = a.float(), b.float()
         diff = (a - a.mean(-1, keepdim=True)) - (b - b.mean(-1, keepdim=True))
         self.sq[key] = self.sq.get(key, 0.0) + diff.pow(2).sum().item()
-        log_a, log_b = a.log_softmax(-1), b.log_softmax(-1)
+        # float64: between near-identical distributions a float32 sum over 201k ids rounds below zero.
+        log_a, log_b = a.double().log_softmax(-1), b.double().log_softmax(-1)
         kl = (log_a.exp() * (log_a - log_b)).sum()
         self.kl_sum[key] = self.kl_sum.get(key, 0.0) + kl.item()
 

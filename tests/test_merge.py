@@ -138,8 +138,11 @@ def test_full_finetune_saved_under_fsdp_gets_its_architecture_fixed(tmp_path, to
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"dtype": "mxfp4"}, "merge.dtype='mxfp4'"),
+    ({"dtype": "mxfp4"}, "merge.dtype='mxfp4' is not supported.*set merge.export=mxfp4"),
     ({"probe_tolerance": 0.0}, "merge.probe_tolerance=0.0 must be positive"),
+    ({"export": "gguf"}, "merge.export='gguf' is unknown; choose one of bf16, mxfp4"),
+    ({"keep_bf16": True}, "merge.keep_bf16=true keeps the bf16 merge beside an MXFP4 export; set merge.export=mxfp4"),
+    ({"export": "mxfp4", "min_retention": 1.5}, "merge.min_retention=1.5 can never be met"),
 ])
 def test_config_rejects_bad_values(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -153,9 +156,14 @@ def test_mxfp4_export_has_the_release_layout_and_records_retention(lora_train_di
     from hub_layout import RELEASE_QUANTIZATION_CONFIG, decode, write_quantized_checkpoint
     from safetensors import safe_open
 
-    out = merge.run(merge.Config(model=MODEL, dtype="float32", probe_tolerance=1e-4, export="mxfp4", min_retention=-10),
+    out = merge.run(merge.Config(model=MODEL, dtype="float32", probe_tolerance=1e-4, export="mxfp4", min_retention=-10,
+                                 keep_bf16=True),
                     out_dir=tmp_path / "merge", inputs={"train": lora_train_dir}, tracker=NullTracker())
     model_dir = tmp_path / "merge" / out.model_dir
+    # keep_bf16: the unrounded merge beside the export, as export=bf16 would have saved it
+    assert out.bf16_model_dir == "model-bf16"
+    kept = load_file(tmp_path / "merge" / "model-bf16" / "model.safetensors")
+    assert kept["model.layers.0.mlp.experts.down_proj"].dtype == torch.float32 and not any(k.endswith("_blocks") for k in kept)
 
     release, _ = write_quantized_checkpoint(tmp_path / "release", RELEASE_QUANTIZATION_CONFIG, vocab_size=len(tokenizer))
     exported = {}
