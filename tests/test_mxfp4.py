@@ -142,3 +142,16 @@ def test_smallest_gpu(num_bytes, gpu):
 
 def test_quantization_config_is_the_releases():
     assert mxfp4.RELEASE_QUANTIZATION_CONFIG == RELEASE_QUANTIZATION_CONFIG
+
+
+def test_a_gpt_oss_20b_layer_gets_the_release_names_dtypes_and_shapes():
+    """One expert of each of a gpt-oss-20b layer's projections (a whole layer would take seconds): the export's
+    tensors are openai/gpt-oss-20b's, less the expert count (bench/results/h200-call11 checked all 32 on a GPU)."""
+    from hub_layout import GPT_OSS_20B_EXPERTS
+
+    prefix = "model.layers.0.mlp.experts."
+    layer = {f"{prefix}gate_up_proj": torch.randn(1, 2880, 5760), f"{prefix}gate_up_proj_bias": torch.zeros(1, 5760),
+             f"{prefix}down_proj": torch.randn(1, 2880, 2880), f"{prefix}down_proj_bias": torch.zeros(1, 2880)}
+    exported = mxfp4.release_state_dict(layer)
+    assert {k.removeprefix(prefix): (v.dtype, tuple(v.shape)) for k, v in exported.items()} == {
+        k: (dtype, (1, *shape[1:])) for k, (dtype, shape) in GPT_OSS_20B_EXPERTS.items()}
