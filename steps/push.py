@@ -79,6 +79,26 @@ def _table(values: dict) -> list[str]:
     return rows
 
 
+def _weights_section(merged: dict) -> list[str]:
+    """Which format the upload is in, its size, the smallest GPU it fits, and (MXFP4) how much of the fine-tune it kept."""
+    if not merged.get("export"):
+        return []
+    fmt = ("MXFP4 experts (E2M1 values, one E8M0 scale per 32; the openai/gpt-oss release layout and quantization_config), "
+           "every other weight bf16" if merged["export"] == "mxfp4" else "unquantized, every weight as merged")
+    lines = ["", "## Weights", "", f"Format: {fmt}.", "",
+             f"{merged['num_bytes'] / 1e9:.2f} GB on disk; the weights fit one {merged['fits_gpu']} GPU"
+             + (" when served with MXFP4 kernels (a server that dequantizes needs ~3x)." if merged["export"] == "mxfp4" else ".")]
+    fig = merged.get("retention") or {}
+    if fig:
+        kept = "undefined (the fine-tune moved no logit)" if fig["retention"] is None else f"{fig['retention']:.1%}"
+        lines += ["", f"Share of the fine-tune's effect on the logits kept by the MXFP4 rounding: {kept} "
+                  f"(1 - ‖mxfp4 - merged‖ / ‖merged - base‖ over {fig['num_probe_positions']} tokens of the "
+                  f"{fig['probe_split']} split; the export is refused below {fig['min_retention']:.0%}).", "",
+                  "| model | eval loss |", "|---|---|", f"| base | {fig['eval_loss_base']:.4f} |",
+                  f"| merged (unrounded) | {fig['eval_loss_merged']:.4f} |", f"| this upload (MXFP4) | {fig['eval_loss_mxfp4']:.4f} |"]
+    return lines
+
+
 def model_card(*, repo_id: str, manifests: dict[str, dict]) -> str:
     """A Hub model card (YAML front matter + markdown) from the pipeline's manifests."""
     model = next((m["config"]["model"] for m in manifests.values() if "model" in m.get("config", {})), {})
@@ -86,7 +106,8 @@ def model_card(*, repo_id: str, manifests: dict[str, dict]) -> str:
     dataset = fetch.get("output", {}).get("dataset") or fetch.get("config", {}).get("dataset", "unknown")
     dataset_revision = fetch.get("output", {}).get("revision", "")
     train = manifests.get("train", {})
-    front = ["---", "library_name: transformers", "tags: [gpt-oss, harmony, fine-tuned]"]
+    export = manifests.get("merge", {}).get("output", {}).get("export", "")
+    front = ["---", "library_name: transformers", f"tags: [gpt-oss, harmony, fine-tuned{', mxfp4' if export == 'mxfp4' else ''}]"]
     # The Hub validates these as repo ids: only name real Hub ids, not local folders or the random test model.
     if model.get("name") and model["name"] != "random" and not Path(model["name"]).exists():
         front.append(f"base_model: {model['name']}")
@@ -106,6 +127,7 @@ def model_card(*, repo_id: str, manifests: dict[str, dict]) -> str:
         lines += ["", "## Hyper-parameters", "", *_table(train["config"])]
         metrics = {k: v for k, v in train.get("output", {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         lines += ["", "## Metrics", "", *_table(metrics)]
+    lines += _weights_section(manifests.get("merge", {}).get("output", {}))
     lines += ["", "## Provenance", "", *_table({f"{name} fingerprint": m.get("fingerprint", "") for name, m in manifests.items()})]
     versions = next(iter(manifests.values()), {}).get("versions", {})
     if versions:

@@ -344,12 +344,16 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
     if not (model_dir / "config.json").is_file():
         raise ValueError(f"merge output {model_dir} holds no config.json; rerun the merge step (--out {inputs['merge']})")
     model_name = cfg.served_model_name or str(model_dir)
+    # An MXFP4 export (merge.export=mxfp4) is served as is: SGLang runs its experts in MXFP4, transformers on a CPU
+    # dequantizes them on load.
+    weights_format = (json.loads((model_dir / "config.json").read_text()).get("quantization_config") or {}).get(
+        "quant_method", "unquantized")
     port = cfg.port or _free_port(cfg.host)
     base_url = f"http://{cfg.host}:{port}"
     server_log = out_dir / "server.log"
     checks, requests, startup_s, stream_row, tool_row = [], [], None, None, None
     command = server_command(cfg, model_dir=model_dir, port=port)
-    log.info("smoke: starting %s", " ".join(command))
+    log.info("smoke: starting %s (%s weights)", " ".join(command), weights_format)
     with server_log.open("w") as log_file:
         proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
                                 env=_server_env(cfg, out_dir))
@@ -397,7 +401,8 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
     total_s = sum(r["latency_s"] for r in answered)
     failed = [c["name"] for c in checks if not c["passed"]]
     report = {
-        "backend": cfg.backend, "model_dir": str(model_dir), "model_name": model_name, "command": command,
+        "backend": cfg.backend, "model_dir": str(model_dir), "weights_format": weights_format, "model_name": model_name,
+        "command": command,
         "port": port, "server_pid": proc.pid,
         "startup_s": startup_s, "num_checks": len(checks), "num_failed": len(failed), "checks": checks,
         "requests": requests, "stream": stream_row, "tool_call": tool_row,

@@ -142,9 +142,56 @@ def test_full_finetune_saved_under_fsdp_gets_its_architecture_fixed(tmp_path, to
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"dtype": "mxfp4"}, "merge.dtype='mxfp4'"),
+    ({"dtype": "mxfp4"}, "merge.dtype='mxfp4' is not supported.*set merge.export=mxfp4"),
     ({"probe_tolerance": 0.0}, "merge.probe_tolerance=0.0 must be positive"),
+    ({"export": "gguf"}, "merge.export='gguf' is unknown; choose one of bf16, mxfp4"),
+    ({"keep_bf16": True}, "merge.keep_bf16=true keeps the bf16 merge beside an MXFP4 export; set merge.export=mxfp4"),
+    ({"export": "mxfp4", "min_retention": 1.5}, "merge.min_retention=1.5 can never be met"),
 ])
 def test_config_rejects_bad_values(overrides, message):
     with pytest.raises(ValueError, match=message):
         merge.Config(model=MODEL, **overrides)
+
+
+def test_mxfp4_export_has_the_release_layout_and_records_retention(lora_train_dir, tmp_path, tokenizer):
+    """merge.export=mxfp4 on a LoRA fine-tune (attention + every expert): the folder holds the tensors a release
+    checkpoint of this shape holds (names, dtypes, shapes), its config carries the release's quantization_config, it
+    loads with transformers, and the manifest's figures say how much of the adapter's effect survived."""
+    from hub_layout import RELEASE_QUANTIZATION_CONFIG, decode, write_quantized_checkpoint
+    from safetensors import safe_open
+
+    out = merge.run(merge.Config(model=MODEL, dtype="float32", probe_tolerance=1e-4, export="mxfp4", min_retention=-10,
+                                 keep_bf16=True),
+                    out_dir=tmp_path / "merge", inputs={"train": lora_train_dir}, tracker=NullTracker())
+    model_dir = tmp_path / "merge" / out.model_dir
+    # keep_bf16: the unrounded merge beside the export, as export=bf16 would have saved it
+    assert out.bf16_model_dir == "model-bf16"
+    kept = load_file(tmp_path / "merge" / "model-bf16" / "model.safetensors")
+    assert kept["model.layers.0.mlp.experts.down_proj"].dtype == torch.float32 and not any(k.endswith("_blocks") for k in kept)
+
+    release, _ = write_quantized_checkpoint(tmp_path / "release", RELEASE_QUANTIZATION_CONFIG, vocab_size=len(tokenizer))
+    exported = {}
+    for shard in model_dir.glob("*.safetensors"):
+        with safe_open(shard, "pt") as f:
+            exported.update({k: f.get_tensor(k) for k in f.keys()})
+    assert {k: (v.dtype, v.shape) for k, v in exported.items()} == {k: (v.dtype, v.shape) for k, v in release.items()}
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["quantization_config"] == RELEASE_QUANTIZATION_CONFIG and config["architectures"] == ["GptOssForCausalLM"]
+
+    # The encoded experts are the merged float32 experts rounded to MXFP4: within one rounding step of each value.
+    merged = merge.AutoModelForCausalLM.from_pretrained(lora_train_dir / "base", dtype=torch.float32)
+    assert not any(n.endswith("_blocks") for n in merged.state_dict())
+    name = "model.layers.1.mlp.experts.down_proj"
+    value = decode(exported[f"{name}_blocks"], exported[f"{name}_scales"])
+    scale = torch.exp2(exported[f"{name}_scales"].float() - 127).repeat_interleave(32, -1)
+    peft_merged = merge.load_model(ModelConfig(name=str(model_dir)), vocab_size=len(tokenizer), dtype="float32",
+                                   attn_implementation="eager", device="cpu")
+    assert torch.equal(peft_merged.state_dict()[name].transpose(1, 2), value)  # transformers decodes what we encoded
+    assert value.abs().sum() > 0 and scale.max() > 0
+
+    fig = out.retention
+    assert out.export == "mxfp4" and out.num_bytes == sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+    assert fig["probe_split"] == "fixed chat" and fig["num_probe_rows"] == 1
+    assert fig["retention"] < 1 and fig["kl_merged_vs_base"] > fig["kl_mxfp4_vs_merged"] > 0
+    assert fig["eval_loss_base"] != fig["eval_loss_merged"] != fig["eval_loss_mxfp4"]
+    print("tiny LoRA fixture, MXFP4 export:", fig)

@@ -1,6 +1,5 @@
 """The fast expert path against transformers' own, on CPU (and on CUDA, marked gpu)."""
 import copy
-import json
 
 import pytest
 import torch
@@ -8,6 +7,7 @@ from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 
 from steps.model import ModelConfig
 from steps.modeling import _ClampedSwiGLU, fast_experts, load_model
+from hub_layout import RELEASE_QUANTIZATION_CONFIG, write_quantized_checkpoint
 
 pytestmark = pytest.mark.unit
 
@@ -95,46 +95,10 @@ def test_fast_experts_on_gpu_are_as_accurate_as_transformers_in_bf16():
     assert abs(loss_ours - loss_ref) <= 1.5 * abs(loss_tf - loss_ref) + 1e-3 * loss_ref
 
 
-FP4_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
-
-
-def _mxfp4(num_experts: int, rows: int, cols: int, gen: torch.Generator):
-    """A (num_experts, rows, cols) weight in the gpt-oss Hub layout: 4-bit codes two per byte (low nibble first) in
-    blocks of 32 along cols, one power-of-two scale per block (biased by 127). Returns blocks, scales and the exact value."""
-    codes = torch.randint(0, 16, (num_experts, rows, cols), generator=gen)
-    exponents = torch.randint(-3, 2, (num_experts, rows, cols // 32), generator=gen)
-    value = FP4_VALUES[codes] * torch.exp2(exponents.float()).repeat_interleave(32, dim=-1)
-    pairs = codes.view(num_experts, rows, cols // 32, 16, 2)
-    return (pairs[..., 0] | (pairs[..., 1] << 4)).to(torch.uint8), (exponents + 127).to(torch.uint8), value
-
-
-def _write_quantized_checkpoint(path, quantization_config: dict) -> tuple[dict, dict]:
-    """A tiny gpt-oss checkpoint laid out as openai/gpt-oss-20b ships: experts as MXFP4 blocks + scales, the rest bf16."""
-    from safetensors.torch import save_file
-
-    base = load_model(ModelConfig(name="random", tokenizer="o200k-offline", seed=0), vocab_size=512, dtype="bfloat16",
-                      attn_implementation="eager", device="cpu")
-    base.save_pretrained(path)
-    for shard in path.glob("model*.safetensors*"):
-        shard.unlink()
-    tensors, experts = dict(base.state_dict()), {}
-    gen = torch.Generator().manual_seed(0)
-    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
-        num_experts, cols, rows = tensors.pop(name).shape  # transformers keeps (experts, in, out); the Hub (out, in)
-        tensors[f"{name}_blocks"], tensors[f"{name}_scales"], value = _mxfp4(num_experts, rows, cols, gen)
-        experts[name] = value.transpose(1, 2)
-    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**config, "quantization_config": quantization_config}))
-    return tensors, experts
-
-
 def test_mxfp4_checkpoint_loads_with_experts_dequantized_and_trainable(tmp_path):
     """The Hub's gpt-oss checkpoints store experts in MXFP4: load_model dequantizes them exactly (every value is a
     4-bit code times a power of two) into plain, trainable experts and leaves the other weights as stored."""
-    tensors, experts = _write_quantized_checkpoint(tmp_path, {
-        "quant_method": "mxfp4",
-        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]})
+    tensors, experts = write_quantized_checkpoint(tmp_path, RELEASE_QUANTIZATION_CONFIG)
     net = load_model(ModelConfig(name=str(tmp_path), tokenizer="o200k-offline"), vocab_size=512, dtype="bfloat16",
                      attn_implementation="eager", device="cpu")
     loaded = net.state_dict()
@@ -152,7 +116,7 @@ def test_mxfp4_checkpoint_loads_with_experts_dequantized_and_trainable(tmp_path)
 
 
 def test_checkpoint_in_another_quantization_is_refused(tmp_path):
-    _write_quantized_checkpoint(tmp_path, {"quant_method": "fp8"})
+    write_quantized_checkpoint(tmp_path, {"quant_method": "fp8"})
     with pytest.raises(ValueError, match="quantized with fp8; only MXFP4 .dequantized on load. or unquantized"):
         load_model(ModelConfig(name=str(tmp_path), tokenizer="o200k-offline"), vocab_size=512, dtype="bfloat16",
                    attn_implementation="eager", device="cpu")

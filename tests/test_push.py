@@ -176,3 +176,20 @@ def test_rejected_token_says_so_without_echoing_it(merge_dir, tmp_path, monkeypa
             push.run(cfg, out_dir=tmp_path, inputs={"merge": merge_dir}, tracker=NullTracker())
     assert "hf_wrong_token_value" not in str(err.value)
     assert hub.files == {}
+
+
+def test_card_says_which_format_is_uploaded(merge_dir, tmp_path):
+    manifest = json.loads((merge_dir / "manifest.json").read_text())
+    manifest["output"].update(export="mxfp4", num_bytes=13_761_317_416, fits_gpu="16 GB (T4, RTX 5080, A4000)", retention={
+        "retention": 0.927, "min_retention": 0.8, "probe_split": "eval", "num_probe_positions": 8192,
+        "eval_loss_base": 12.8031, "eval_loss_merged": 11.9625, "eval_loss_mxfp4": 11.9638})
+    write_json_atomic(merge_dir / "manifest.json", manifest)
+    card = push.model_card(repo_id="my-org/m", manifests=push.upstream_manifests(merge_dir))
+    assert "tags: [gpt-oss, harmony, fine-tuned, mxfp4]" in card
+    assert "Format: MXFP4 experts" in card and "13.76 GB on disk; the weights fit one 16 GB (T4" in card
+    assert "kept by the MXFP4 rounding: 92.7%" in card and "| this upload (MXFP4) | 11.9638 |" in card
+
+    manifest["output"].update(export="bf16", num_bytes=41_829_561_832, fits_gpu="48 GB (L40S, RTX 6000 Ada)", retention={})
+    write_json_atomic(merge_dir / "manifest.json", manifest)
+    card = push.model_card(repo_id="my-org/m", manifests=push.upstream_manifests(merge_dir))
+    assert "Format: unquantized" in card and "41.83 GB on disk" in card and "MXFP4" not in card
