@@ -31,7 +31,9 @@ def run_step(name: str, profile: dict, out: Path, tracking: dict) -> dict:
             "out_dir": str(out / name), "duration_s": manifest["duration_s"]}
 
 
-@flow(name="finetune", log_prints=True)
+# No log_prints: Prefect's print-to-log patch also catches prints that a library redirects to a buffer: dill finds a
+# function's globals by capturing dis.dis() output, which instead went to the console as ~190 lines of bytecode.
+@flow(name="finetune")
 def finetune(config: str = str(profiles.DEFAULT_PROFILE), out: str = "runs/latest", overrides: list[str] = ()) -> list[dict]:
     logger = get_run_logger()
     out_dir = Path(out).resolve()

@@ -5,6 +5,8 @@ The merged model's logits must match base+adapter on a probe batch before anythi
 must reload to the same logits. The folder holds weights, config, tokenizer, chat template and the gpt-oss response
 template (so an OpenAI-compatible server returns reasoning_content).
 """
+from __future__ import annotations  # torch.Tensor in annotations without importing torch
+
 import json
 import logging
 from collections.abc import Mapping
@@ -12,16 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import torch
-from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
-from trl.chat_template_utils import add_response_schema
-
 from steps.contract import read_output
-from steps.model import ModelConfig
-from steps.modeling import DTYPES, load_model
+from steps.model import DTYPE_NAMES, ModelConfig
 from steps.tracking import Tracker
 from steps.train import save_dir_atomic
+
+# torch, transformers, TRL and PEFT are imported where they are used: reading a profile must not pay for them.
 
 log = logging.getLogger("finetune")
 
@@ -47,7 +45,7 @@ class Config:
     """Length of the probe batch (a fixed chat rendered with the model's template, repeated to this length)."""
 
     def __post_init__(self):
-        if self.dtype not in DTYPES:
+        if self.dtype not in DTYPE_NAMES:
             raise ValueError(f"merge.dtype={self.dtype!r} is not supported; set merge.dtype=bfloat16 (or float32)")
         if self.probe_tolerance <= 0:
             raise ValueError(f"merge.probe_tolerance={self.probe_tolerance} must be positive, e.g. 0.1 for bfloat16")
@@ -75,14 +73,18 @@ def fixed_architectures(names: list[str]) -> list[str]:
 
 
 def probe_ids(tokenizer, num_tokens: int) -> torch.Tensor:
+    import torch
+
     ids = tokenizer.apply_chat_template(PROBE_MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=False)
     ids = (ids * (num_tokens // len(ids) + 1))[:num_tokens]
     return torch.tensor([ids])
 
 
-@torch.no_grad()
 def logits_of(net, ids: torch.Tensor) -> torch.Tensor:
-    return net(input_ids=ids.to(net.device)).logits.float().cpu()
+    import torch
+
+    with torch.no_grad():
+        return net(input_ids=ids.to(net.device)).logits.float().cpu()
 
 
 def check_close(a: torch.Tensor, b: torch.Tensor, *, tolerance: float, what: str, hint: str = "") -> float:
@@ -94,6 +96,13 @@ def check_close(a: torch.Tensor, b: torch.Tensor, *, tolerance: float, what: str
 
 
 def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Tracker) -> Output:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl.chat_template_utils import add_response_schema
+
+    from steps.modeling import DTYPES, load_model
+
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("merge.device=cuda but this machine has no CUDA device; set merge.device=cpu")
     trained = read_output(inputs["train"])
