@@ -2,17 +2,25 @@
 
     finetune run [--config configs/tiny-cpu.yaml] [--out runs/latest] [section.key=value …]
     finetune step NAME --config FILE [--input UPSTREAM=DIR …] --out DIR [section.key=value …]
-    finetune check --config FILE [section.key=value …]
+    finetune check --config FILE [--print] [section.key=value …]
 """
 import argparse
+import dataclasses
 import logging
 import os
 import sys
+import textwrap
+import traceback
+from importlib import metadata
 from pathlib import Path
+
+import yaml
 
 from steps import contract, profile as profiles
 
 log = logging.getLogger("finetune")
+BUG_REPORT = ("finetune: this is a bug in gpt-oss-finetune, not a problem with your input: please report it on the "
+              "project's issue tracker with the traceback above, the command you ran and `finetune --version`")
 
 
 def _third_party_defaults() -> None:
@@ -37,6 +45,17 @@ def _inputs(pairs: list[str]) -> dict[str, Path]:
     return out
 
 
+def _checked_profile(args) -> tuple[dict, dict]:
+    """The profile with its overrides, every step's Config built from it, and the environment checked: everything
+    that can fail before a step starts fails here, as one line."""
+    from flows.preflight import check_environment
+
+    profile = profiles.load_profile(args.config, args.overrides)
+    configs = profiles.validate(profile)
+    check_environment(profile)
+    return profile, configs
+
+
 def cmd_step(args) -> None:
     profile = profiles.load_profile(args.config, args.overrides)
     cfg = profiles.step_config(profile, args.name)
@@ -54,6 +73,8 @@ def cmd_step(args) -> None:
 
 
 def cmd_run(args) -> None:
+    _checked_profile(args)  # before Prefect starts (~20 s), so a typo costs a second and prints one line
+    contract.check_out_dir(args.out)
     from flows.finetune import finetune
 
     results = finetune(config=str(args.config), out=str(args.out), overrides=args.overrides)
@@ -63,27 +84,64 @@ def cmd_run(args) -> None:
 
 
 def cmd_check(args) -> None:
-    profile = profiles.load_profile(args.config, args.overrides)
-    configs = profiles.validate(profile)
+    profile, configs = _checked_profile(args)
+    if args.print:
+        # Every key with the value a run would use (defaults filled in): a profile that loads back as it is.
+        resolved = {"model": dataclasses.asdict(profiles.model_config(profile))}
+        for step, cfg in configs.items():
+            resolved[profiles.SECTION_OF_STEP[step]] = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "model"}
+        resolved["tracking"] = dataclasses.asdict(profiles.tracking_config(profile))
+        print(yaml.safe_dump(resolved, sort_keys=False, default_flow_style=False, width=120), end="")
+        return
     print(f"{args.config}: valid ({', '.join(configs)})")
+
+
+def _override_help(sections) -> str:
+    """The section.key=value overrides a command takes, listed from the Config classes themselves."""
+    classes = {"model": profiles.ModelConfig, "tracking": profiles.TrackingConfig}
+    classes.update({section: contract.step_module(step).Config for step, section in profiles.SECTION_OF_STEP.items()})
+    lines = ["overrides: section.key=value after the flags, values in YAML (train.max_steps=10, smoke.languages=[French]);",
+             "the profile's keys, with defaults and help, are in `finetune check --config FILE --print` and steps/*.py:"]
+    for section in sections:
+        keys = [f.name for f in dataclasses.fields(classes[section]) if f.name != "model"]
+        lines += textwrap.wrap(", ".join(keys), width=110, initial_indent=f"  {section}: ", subsequent_indent="    ")
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="finetune", description=__doc__.split("\n")[0], formatter_class=formatter,
+                                     epilog="`finetune COMMAND --help` lists a command's flags and overrides.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {metadata.version('gpt-oss-finetune')}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    every_section = profiles.SECTIONS
+    run = sub.add_parser("run", help="the whole pipeline as one Prefect flow (default: the embedded tiny profile)",
+                         description="Run fetch → harmony → train → merge → push → smoke as one Prefect flow; finished "
+                                     "steps are skipped, an interrupted train continues from its last checkpoint.",
+                         epilog=_override_help(every_section), formatter_class=formatter)
+    run.add_argument("--config", type=Path, default=profiles.DEFAULT_PROFILE, help="profile YAML (default: %(default)s)")
+    run.add_argument("--out", type=Path, default=Path("runs/latest"), help="one folder per step (default: %(default)s)")
+    step = sub.add_parser("step", help="one step into one out dir",
+                          description="Run one step into --out, reading its upstream steps' out dirs (--input).",
+                          epilog=_override_help(every_section), formatter_class=formatter)
+    step.add_argument("name", choices=contract.STEPS)
+    step.add_argument("--config", type=Path, required=True, help="profile YAML")
+    step.add_argument("--out", type=Path, required=True, help="the step's out dir (manifest.json written last)")
+    step.add_argument("--input", action="append", default=[], metavar="UPSTREAM=DIR",
+                      help="an upstream step's out dir, e.g. --input harmony=runs/x/harmony (repeat per upstream)")
+    step.add_argument("--parent-run-id", default="", help="MLflow parent run to nest this step's run under")
+    check = sub.add_parser("check", help="load and validate a profile without running anything",
+                           description="Load a profile, check every step's config and the environment (Hub token for "
+                                       "a real push, tracking server); run nothing.",
+                           epilog=_override_help(every_section), formatter_class=formatter)
+    check.add_argument("--config", type=Path, required=True, help="profile YAML")
+    check.add_argument("--print", action="store_true", help="print the resolved profile (every key, defaults filled in)")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     _third_party_defaults()
-    parser = argparse.ArgumentParser(prog="finetune", description=__doc__.split("\n")[0],
-                                     epilog="Any profile key can follow as section.key=value, e.g. train.max_steps=10.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="the whole pipeline as one Prefect flow (default: the embedded tiny profile)")
-    run.add_argument("--config", type=Path, default=profiles.DEFAULT_PROFILE)
-    run.add_argument("--out", type=Path, default=Path("runs/latest"))
-    step = sub.add_parser("step", help="one step into one out dir")
-    step.add_argument("name", choices=contract.STEPS)
-    step.add_argument("--config", type=Path, required=True)
-    step.add_argument("--out", type=Path, required=True)
-    step.add_argument("--input", action="append", default=[], metavar="UPSTREAM=DIR")
-    step.add_argument("--parent-run-id", default="", help="MLflow parent run to nest this step's run under")
-    check = sub.add_parser("check", help="load and validate a profile without running anything")
-    check.add_argument("--config", type=Path, required=True)
+    parser = _parser()
     # argparse cannot place a variable number of positionals after a subcommand's own positionals, so overrides
     # are whatever is left over, and each must look like section.key=value.
     args, rest = parser.parse_known_args(argv)
@@ -96,9 +154,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         {"run": cmd_run, "step": cmd_step, "check": cmd_check}[args.command](args)
     except ValueError as e:
-        # User errors (bad profile, bad input) print as one line; anything else keeps its traceback.
+        # User errors (bad profile, bad input, unreachable services) print as one line naming the field and the fix.
         print(f"finetune: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"finetune: interrupted; {args.command} stopped, its current step left no manifest", file=sys.stderr)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        print(BUG_REPORT, file=sys.stderr)
+        return 1
     return 0
 
 

@@ -11,6 +11,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows.preflight import check_environment
 from steps import contract, profile as profiles
 from steps.tracking import NullTracker
 
@@ -39,6 +40,7 @@ def finetune(config: str = str(profiles.DEFAULT_PROFILE), out: str = "runs/lates
     out_dir = Path(out).resolve()
     profile = profiles.load_profile(config, list(overrides))
     profiles.validate(profile)  # every step's config is checked before the first step starts
+    check_environment(profile)
     tracking_cfg = profiles.tracking_config(profile)
     tracking = {}
     if tracking_cfg.enabled:

@@ -176,3 +176,16 @@ def test_rejected_token_says_so_without_echoing_it(merge_dir, tmp_path, monkeypa
             push.run(cfg, out_dir=tmp_path, inputs={"merge": merge_dir}, tracker=NullTracker())
     assert "hf_wrong_token_value" not in str(err.value)
     assert hub.files == {}
+
+
+def test_real_push_without_network_names_the_host(merge_dir, tmp_path, monkeypatch, hub_online):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    cfg = push.Config(repo_id="my-org/reasoner", dry_run=False, endpoint=f"http://127.0.0.1:{port}")
+    with pytest.raises(ValueError, match=rf"push.dry_run=false, but 127.0.0.1:{port} cannot be reached \(ConnectError.*"
+                                         r"set push.dry_run=true"):
+        push.run(cfg, out_dir=tmp_path, inputs={"merge": merge_dir}, tracker=NullTracker())
