@@ -8,8 +8,11 @@ import argparse
 import dataclasses
 import logging
 import os
+import signal
 import sys
 import textwrap
+import threading
+import time
 import traceback
 from importlib import metadata
 from pathlib import Path
@@ -72,11 +75,70 @@ def cmd_step(args) -> None:
         print(f"{args.name}: done, manifest at {Path(args.out) / contract.MANIFEST}")
 
 
+def _children() -> list[int]:
+    """This process's child processes (Linux /proc): Prefect's temporary server, a step's server."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+        if ppid == os.getpid():
+            found.append(int(stat.parent.name))
+    return found
+
+
+_leaving = threading.Lock()
+
+
+def _leave_interrupted() -> None:
+    """Stop the child processes left, say so in one line and exit 130, skipping Prefect's exit hooks (which would
+    retry their API calls to the stopped temporary server for minutes)."""
+    _leaving.acquire()  # once, whichever thread comes first; the other blocks until the process is gone
+    for pid in _children():
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_is_running(pid) for pid in _children()):
+        time.sleep(0.1)
+    for pid in _children():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    print("finetune: interrupted (Ctrl-C); the running step was stopped and left no manifest, its tracking runs are "
+          "closed as KILLED; `finetune run` again resumes (train from its last checkpoint)", file=sys.stderr, flush=True)
+    os._exit(130)
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _on_ctrl_c(cleaned_up: threading.Event):
+    """SIGINT during `finetune run`: the step in progress unwinds as KeyboardInterrupt (its server stopped, its
+    tracking run closed), the flow closes its own run, and then the process leaves; a second Ctrl-C leaves at once."""
+    def handler(signum, frame):
+        if cleaned_up.is_set() or handler.pressed:
+            _leave_interrupted()
+        handler.pressed = True
+        threading.Thread(target=lambda: (cleaned_up.wait(timeout=15), _leave_interrupted()), daemon=True).start()
+        raise KeyboardInterrupt
+    handler.pressed = False
+    return handler
+
+
 def cmd_run(args) -> None:
     _checked_profile(args)  # before Prefect starts (~20 s), so a typo costs a second and prints one line
     contract.check_out_dir(args.out)
-    from flows.finetune import finetune
+    from flows.finetune import CLEANED_UP, finetune
 
+    signal.signal(signal.SIGINT, _on_ctrl_c(CLEANED_UP))
     results = finetune(config=str(args.config), out=str(args.out), overrides=args.overrides)
     print(f"\nfinetune: all {len(results)} steps finished; outputs in {Path(args.out).resolve()}")
     for r in results:
@@ -158,7 +220,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"finetune: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"finetune: interrupted; {args.command} stopped, its current step left no manifest", file=sys.stderr)
+        if args.command == "run":
+            _leave_interrupted()
+        print(f"finetune: interrupted (Ctrl-C); the {args.command} stopped and left no manifest", file=sys.stderr)
         return 130
     except Exception:
         traceback.print_exc()

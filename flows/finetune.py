@@ -4,6 +4,7 @@
 """
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -32,6 +33,11 @@ def run_step(name: str, profile: dict, out: Path, tracking: dict) -> dict:
             "out_dir": str(out / name), "duration_s": manifest["duration_s"]}
 
 
+# Set once the flow body has closed what it opened (tracking runs), however it ended: on Ctrl-C the CLI waits for this,
+# then exits without Prefect's crash reporting to a temporary server that the same Ctrl-C has stopped.
+CLEANED_UP = threading.Event()
+
+
 # No log_prints: Prefect's print-to-log patch also catches prints that a library redirects to a buffer: dill finds a
 # function's globals by capturing dis.dis() output, which instead went to the console as ~190 lines of bytecode.
 @flow(name="finetune")
@@ -53,14 +59,18 @@ def finetune(config: str = str(profiles.DEFAULT_PROFILE), out: str = "runs/lates
         client.log_text(parent_run_id, json.dumps(profile, indent=2, default=str), "profile.json")
         tracking = {"parent_run_id": parent_run_id, "uri": uri}
         logger.info("MLflow run %s at %s", parent_run_id, uri)
-    results = []
+    results, status = [], "FAILED"
     try:
         for name in contract.STEPS:
             results.append(run_step.with_options(name=name)(name, profile, out_dir, tracking))
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
         if tracking:
-            status = "FINISHED" if len(results) == len(contract.STEPS) else "FAILED"
             client.set_terminated(tracking["parent_run_id"], status)
+        CLEANED_UP.set()
     rows = "\n".join(f"| {r['step']} | {r['status']} | {r['duration_s']} | `{r['out_dir']}` |" for r in results)
     create_markdown_artifact(key="finetune-summary",
                              markdown=f"# finetune\n\n| step | status | seconds | output |\n|---|---|---|---|\n{rows}\n")

@@ -2,12 +2,14 @@
 
 Fine-tune gpt-oss on the harmony step's tokens: LoRA on attention + expert parameters, or a full fine-tune, with
 TRL's SFTTrainer over PEFT; loss only where the harmony step's `assistant_masks` is 1. Checkpoints go to
-DIR2/checkpoints/checkpoint-N (resume=true continues from the newest complete one), the result to DIR2/model.
+DIR2/checkpoints/checkpoint-N (running the same command again after a crash continues from the newest complete one),
+the result to DIR2/model.
 """
 import json
 import logging
 import os
 import shutil
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -269,6 +271,10 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
 
     from steps.modeling import cpu_lm_head, fast_experts, load_model, mask_packed_documents
     from steps.progress import Progress, model_flops_per_token, peak_bf16_flops, peak_mem_gib
+
+    # PEFT 0.21.2 and TRL 1.16 read model.is_gradient_checkpointing, which transformers 5.23 deprecates: a FutureWarning
+    # about the libraries' own calls that no profile key can change.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
     # --- Inputs: fail on bad input before loading a model ---
     if cfg.device == "cuda" and not torch.cuda.is_available():
