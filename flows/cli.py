@@ -213,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = rest
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request to the Prefect API drowns progress
+    # accelerate repeats an INFO line per process and batch when a resumed run skips the batches it had trained on.
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
     try:
         {"run": cmd_run, "step": cmd_step, "check": cmd_check}[args.command](args)
     except ValueError as e:

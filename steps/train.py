@@ -197,9 +197,17 @@ class Output:
 
 
 def last_complete_checkpoint(checkpoints_dir: Path) -> Path | None:
-    """The newest checkpoint-N holding trainer_state.json (written last, so one without it was cut off mid-save)."""
+    """The newest checkpoint-N holding a readable trainer_state.json (written last, so one without it, or with it cut
+    off, was interrupted mid-save)."""
+    def is_complete(checkpoint: Path) -> bool:
+        try:
+            json.loads((checkpoint / _COMPLETE_MARKER).read_text())
+        except (FileNotFoundError, ValueError):
+            return False
+        return True
+
     found = sorted(checkpoints_dir.glob("checkpoint-*"), key=lambda p: int(p.name.rpartition("-")[2]))
-    complete = [p for p in found if (p / _COMPLETE_MARKER).is_file()]
+    complete = [p for p in found if is_complete(p)]
     for partial in found:
         if complete and partial not in complete and int(partial.name.rpartition("-")[2]) > int(complete[-1].name.rpartition("-")[2]):
             log.info("train: removing %s, a checkpoint cut off mid-save", partial)

@@ -370,3 +370,15 @@ def test_the_written_out_schedulers_are_the_installed_transformers_ones():
             assert any(p.kind is p.VAR_KEYWORD for p in params.values()), name
         else:
             assert set(accepted) == set(params) - fixed, name
+
+
+def test_a_checkpoint_cut_off_mid_save_is_never_resumed_from(tmp_path):
+    """trainer_state.json is the Trainer's last write: a checkpoint without it, or with it half-written, is skipped
+    (and removed when a complete one precedes it)."""
+    for step, state in ((2, "{}"), (4, '{"global_step": 4, "log_hi'), (6, None)):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "model.safetensors").write_bytes(b"\0" * 16)
+        if state is not None:
+            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+    assert train.last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
