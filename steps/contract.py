@@ -50,13 +50,18 @@ def read_input_manifest(step: str, upstream: str, step_dir: Path) -> dict:
 
 
 def check_out_dir(out_dir: Path) -> None:
-    """--out must be a folder this process can write (it is created when missing)."""
+    """--out must be a folder this process can write; it is created here when missing."""
     out_dir = Path(out_dir)
     existing = next((p for p in (out_dir, *out_dir.parents) if p.exists()), None)
     if existing is not None and not existing.is_dir():
         raise ValueError(f"--out {out_dir}: {existing} is a file, not a folder; give a folder path (e.g. runs/x)")
-    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {out_dir}: {existing} is not writable by this user; give a folder you can write "
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # permissions, a read-only file system, no space
+        raise ValueError(f"--out {out_dir} cannot be created ({e.strerror}); give a folder you can write "
+                         "(e.g. runs/x under your home)") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out_dir} is not writable by this user; give a folder you can write "
                          "(e.g. runs/x under your home)")
 
 

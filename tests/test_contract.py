@@ -1,6 +1,7 @@
 """The step contract: manifest written last, skip on a matching fingerprint, re-run on a changed one, inputs checked."""
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -90,9 +91,9 @@ def test_out_dir_that_is_a_file_or_read_only_is_refused(tmp_path):
         contract.execute("fetch", _fetch_cfg(), out_dir=tmp_path / "file" / "fetch")
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o555)
-    if os.access(locked, os.W_OK):
-        pytest.skip("running as root: every folder is writable")
-    with pytest.raises(ValueError, match=r"--out .*locked/fetch: .*locked is not writable by this user"):
+    if os.access(locked, os.W_OK):  # root writes anywhere; the kernel's /sys still refuses new folders
+        locked = Path("/sys")
+    with pytest.raises(ValueError, match=r"--out .*/fetch cannot be created \((Permission denied|Operation not permitted)\)"):
         contract.execute("fetch", _fetch_cfg(), out_dir=locked / "fetch")
 
 
