@@ -133,11 +133,23 @@ def _on_ctrl_c(cleaned_up: threading.Event):
     return handler
 
 
+class _NoTracebackForUserErrors(logging.Filter):
+    """Prefect logs a failed task's and flow's exception with its traceback. A ValueError is a user error whose message
+    names the field and the fix, which the CLI prints as its last line: 25 lines of engine frames only bury it."""
+
+    def filter(self, record):
+        if record.exc_info and isinstance(record.exc_info[1], ValueError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def cmd_run(args) -> None:
     _checked_profile(args)  # before Prefect starts (~20 s), so a typo costs a second and prints one line
     contract.check_out_dir(args.out)
     from flows.finetune import CLEANED_UP, finetune
 
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logging.getLogger(name).addFilter(_NoTracebackForUserErrors())
     signal.signal(signal.SIGINT, _on_ctrl_c(CLEANED_UP))
     results = finetune(config=str(args.config), out=str(args.out), overrides=args.overrides)
     print(f"\nfinetune: all {len(results)} steps finished; outputs in {Path(args.out).resolve()}")
