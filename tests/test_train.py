@@ -283,6 +283,13 @@ def test_max_length_below_longest_row(harmony_dir, tmp_path):
         train.run(train_config(max_length=8), out_dir=tmp_path, inputs={"harmony": harmony_dir}, tracker=NullTracker())
 
 
+def test_max_length_is_checked_against_harmony_before_train_starts(harmony_dir, tmp_path):
+    """Through the contract the harmony manifest's longest_row decides, before the out dir or a model exists."""
+    with pytest.raises(ValueError, match=r"train.max_length=8 < longest harmony row \d+ tokens"):
+        contract.execute("train", train_config(max_length=8), out_dir=tmp_path / "train", inputs={"harmony": harmony_dir})
+    assert not (tmp_path / "train").exists()
+
+
 def test_lora_target_that_matches_nothing_lists_what_exists(harmony_dir, tmp_path):
     with pytest.raises(ValueError, match=r"\['gate_proj'\] match no linear layer.*'q_proj'"):
         train.run(train_config(lora_target_modules=["q_proj", "gate_proj"]), out_dir=tmp_path,
