@@ -4,6 +4,7 @@
 """
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows.preflight import check_environment
 from steps import contract, profile as profiles
 from steps.tracking import NullTracker
 
@@ -31,12 +33,20 @@ def run_step(name: str, profile: dict, out: Path, tracking: dict) -> dict:
             "out_dir": str(out / name), "duration_s": manifest["duration_s"]}
 
 
-@flow(name="finetune", log_prints=True)
+# Set once the flow body has closed what it opened (tracking runs), however it ended: on Ctrl-C the CLI waits for this,
+# then exits without Prefect's crash reporting to a temporary server that the same Ctrl-C has stopped.
+CLEANED_UP = threading.Event()
+
+
+# No log_prints: Prefect's print-to-log patch also catches prints that a library redirects to a buffer: dill finds a
+# function's globals by capturing dis.dis() output, which instead went to the console as ~190 lines of bytecode.
+@flow(name="finetune")
 def finetune(config: str = str(profiles.DEFAULT_PROFILE), out: str = "runs/latest", overrides: list[str] = ()) -> list[dict]:
     logger = get_run_logger()
     out_dir = Path(out).resolve()
     profile = profiles.load_profile(config, list(overrides))
     profiles.validate(profile)  # every step's config is checked before the first step starts
+    check_environment(profile)
     tracking_cfg = profiles.tracking_config(profile)
     tracking = {}
     if tracking_cfg.enabled:
@@ -49,14 +59,18 @@ def finetune(config: str = str(profiles.DEFAULT_PROFILE), out: str = "runs/lates
         client.log_text(parent_run_id, json.dumps(profile, indent=2, default=str), "profile.json")
         tracking = {"parent_run_id": parent_run_id, "uri": uri}
         logger.info("MLflow run %s at %s", parent_run_id, uri)
-    results = []
+    results, status = [], "FAILED"
     try:
         for name in contract.STEPS:
             results.append(run_step.with_options(name=name)(name, profile, out_dir, tracking))
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
         if tracking:
-            status = "FINISHED" if len(results) == len(contract.STEPS) else "FAILED"
             client.set_terminated(tracking["parent_run_id"], status)
+        CLEANED_UP.set()
     rows = "\n".join(f"| {r['step']} | {r['status']} | {r['duration_s']} | `{r['out_dir']}` |" for r in results)
     create_markdown_artifact(key="finetune-summary",
                              markdown=f"# finetune\n\n| step | status | seconds | output |\n|---|---|---|---|\n{rows}\n")

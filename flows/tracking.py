@@ -40,13 +40,16 @@ def start_parent_run(uri: str, experiment: str, *, run_name: str, tags: dict) ->
 
 @contextlib.contextmanager
 def step_run(uri: str, parent_run_id: str, step: str):
-    """A nested run for one step; marked FAILED if the step raises, and the error propagates."""
+    """A nested run for one step; marked FAILED if the step raises (KILLED on Ctrl-C), and the error propagates."""
     client = MlflowClient(tracking_uri=uri)
     parent = client.get_run(parent_run_id)
     run = client.create_run(parent.info.experiment_id, run_name=step,
                             tags={"mlflow.parentRunId": parent_run_id, "step": step})
     try:
         yield MlflowTracker(client, run.info.run_id)
+    except KeyboardInterrupt:
+        client.set_terminated(run.info.run_id, "KILLED")
+        raise
     except BaseException:
         client.set_terminated(run.info.run_id, "FAILED")
         raise

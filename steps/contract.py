@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import time
 from collections.abc import Mapping
 from importlib import metadata
@@ -19,6 +20,7 @@ STEPS = ("fetch", "harmony", "train", "merge", "push", "smoke")
 # Which image runs each step (images/<runtime>.Dockerfile, tagged finetune-<runtime>:<version>).
 RUNTIMES = {"fetch": "cpu", "harmony": "cpu", "train": "train", "merge": "train", "push": "cpu", "smoke": "serve"}
 MANIFEST = "manifest.json"
+ATTEMPT = ".attempt.json"  # written when a step starts: marks the folder as a step's, records what it is running
 _VERSIONED = ("torch", "transformers", "trl", "peft", "datasets", "openai-harmony", "huggingface-hub")
 
 
@@ -38,6 +40,71 @@ def read_manifest(step_dir: Path) -> dict:
     if not path.is_file():
         raise ValueError(f"{step_dir} holds no {MANIFEST}: that step has not finished; run it first (finetune step ... --out {step_dir})")
     return json.loads(path.read_text())
+
+
+def read_input_manifest(step: str, upstream: str, step_dir: Path) -> dict:
+    """The manifest of the out dir given as `--input upstream=step_dir`, checked to be that step's."""
+    manifest = read_manifest(step_dir)
+    if manifest.get("step") != upstream:
+        raise ValueError(f"--input {upstream}={step_dir} holds the output of the {manifest.get('step')} step; step {step} "
+                         f"needs the {upstream} step's out dir there (e.g. {Path(step_dir).parent / upstream})")
+    return manifest
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """--out must be a folder this process can write; it is created here when missing."""
+    out_dir = Path(out_dir)
+    existing = next((p for p in (out_dir, *out_dir.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ValueError(f"--out {out_dir}: {existing} is a file, not a folder; give a folder path (e.g. runs/x)")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # permissions, a read-only file system, no space
+        raise ValueError(f"--out {out_dir} cannot be created ({e.strerror}); give a folder you can write "
+                         "(e.g. runs/x under your home)") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out_dir} is not writable by this user; give a folder you can write "
+                         "(e.g. runs/x under your home)")
+
+
+def is_retry(out_dir: Path) -> bool:
+    """Whether the step now running in out_dir repeats an interrupted attempt with the same fingerprint (same
+    config, inputs and code): a step that keeps partial work (train's checkpoints) may then continue from it."""
+    try:
+        return json.loads((Path(out_dir) / ATTEMPT).read_text())["retry"]
+    except FileNotFoundError:  # run outside the contract
+        return False
+
+
+def _start_attempt(name: str, module, out_dir: Path, fp: str) -> None:
+    """Clear what earlier runs left in out_dir, so nothing in a folder without a manifest looks like a result, except
+    the partial work the step resumes from (module.KEEP_ON_RESTART); then record this attempt's fingerprint."""
+    attempt_path = out_dir / ATTEMPT
+    try:
+        previous = json.loads(attempt_path.read_text())["fingerprint"]
+    except FileNotFoundError:
+        previous = None
+    leftovers = sorted(out_dir.iterdir()) if out_dir.is_dir() else []
+    if leftovers and previous is None and not (out_dir / MANIFEST).exists():
+        # Not a folder this pipeline wrote (no manifest, no attempt record): clearing it could delete the user's files.
+        raise ValueError(f"--out {out_dir} already holds files that no finetune step wrote ({leftovers[0].name}, ...); "
+                         "give an empty or new folder")
+    if previous is not None and previous != fp:
+        log.info("step %s: the interrupted run in %s had other inputs (fingerprint %s, now %s); starting fresh",
+                 name, out_dir, previous[:12], fp[:12])
+    elif previous == fp:
+        log.info("step %s: repeating the interrupted run in %s (same fingerprint %s)", name, out_dir, fp[:12])
+    keep = set(getattr(module, "KEEP_ON_RESTART", ()))
+    for path in leftovers:
+        if path.name in keep:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(attempt_path, {"fingerprint": fp, "retry": previous == fp,
+                                     "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
 
 
 def read_output(step_dir: Path) -> dict:
@@ -100,7 +167,12 @@ def execute(name: str, cfg, *, out_dir: Path, inputs: Mapping[str, Path] | None 
     extra = [k for k in inputs if k not in module.INPUTS]
     if extra:
         raise ValueError(f"step {name} takes no input {extra[0]!r}; it reads {', '.join(module.INPUTS) or 'no inputs'}")
+    for upstream, step_dir in inputs.items():
+        read_input_manifest(name, upstream, step_dir)
+    if hasattr(module, "check_inputs"):  # what the upstream manifests already tell, before the out dir is touched
+        module.check_inputs(cfg, inputs=inputs)
     out_dir = Path(out_dir)
+    check_out_dir(out_dir)
     fp = fingerprint(name, cfg, inputs)
     manifest_path = out_dir / MANIFEST
     # Under torchrun every rank executes the step (training is collective) and rank 0 alone records it.
@@ -115,9 +187,8 @@ def execute(name: str, cfg, *, out_dir: Path, inputs: Mapping[str, Path] | None 
                      name, out_dir, fp[:12])
             return old, True
         log.info("step %s: inputs changed since the last run in %s; running again", name, out_dir)
-        if is_main:
-            manifest_path.unlink()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if is_main:
+        _start_attempt(name, module, out_dir, fp)
     tracker = tracker or NullTracker()
     tracker.log_params({f"{name}.{k}": v for k, v in _flatten(_jsonable(dataclasses.asdict(cfg))).items()})
     log.info("step %s: running into %s", name, out_dir)
@@ -136,6 +207,7 @@ def execute(name: str, cfg, *, out_dir: Path, inputs: Mapping[str, Path] | None 
     if not is_main:
         return manifest, False
     write_json_atomic(manifest_path, manifest)
+    (out_dir / ATTEMPT).unlink()
     tracker.log_artifact(manifest_path)
     log.info("step %s: done in %.1f s", name, manifest["duration_s"])
     return manifest, False

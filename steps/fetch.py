@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 from steps.tracking import Tracker
 
@@ -140,9 +141,22 @@ def source_revision(cfg: Config) -> str:
     """
     if _is_local(cfg.dataset):
         return _sha256_of(_local_path(cfg))
-    from huggingface_hub import HfApi
+    import httpx2  # huggingface_hub's HTTP client
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError
 
-    return HfApi().dataset_info(cfg.dataset, revision=cfg.revision).sha
+    try:
+        return HfApi().dataset_info(cfg.dataset, revision=cfg.revision).sha
+    except (httpx2.TransportError, OfflineModeIsEnabled) as e:
+        raise ValueError(f"data.dataset={cfg.dataset} is a Hub dataset, but {urlparse(constants.ENDPOINT).netloc} cannot "
+                         f"be reached ({type(e).__name__}: {e}); offline, point data.dataset at a local .jsonl/.parquet "
+                         "file or save_to_disk folder, or use data.dataset=bundled") from None
+    except RevisionNotFoundError:
+        raise ValueError(f"data.revision={cfg.revision} does not exist in the Hub dataset {cfg.dataset}; "
+                         "give a branch, tag or commit of it") from None
+    except RepositoryNotFoundError:
+        raise ValueError(f"data.dataset={cfg.dataset} is not a Hub dataset you can read (no such repo, or private/gated: "
+                         "set HF_TOKEN); check the name, or point it at a local file") from None
 
 
 def _read_hub(cfg: Config) -> tuple[list[dict], str]:

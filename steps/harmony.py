@@ -22,7 +22,6 @@ from pathlib import Path
 
 from steps.contract import read_output
 from steps.model import ModelConfig
-from steps.tokenizer import harmony_encoding, load_tokenizer
 from steps.tracking import Tracker
 
 log = logging.getLogger("finetune")
@@ -76,6 +75,8 @@ class Output:
     num_dropped_overflow: int
     num_truncated: int
     num_parity_checked: int
+    longest_row: int
+    """Tokens in the longest kept training row: train.max_length must be at least this (checked before train loads a model)."""
     length_stats: dict = field(default_factory=dict)
     histogram_path: str = ""
 
@@ -301,6 +302,8 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Tracker) -> Output:
+    from steps.tokenizer import harmony_encoding, load_tokenizer  # transformers: not needed to read a profile
+
     fetched = read_output(inputs["fetch"])
     tokenizer = load_tokenizer(cfg.model)
     if cfg.template == "openai-harmony":
@@ -378,4 +381,5 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
     return Output(data_dir=data_dir.name, eval_data_dir=eval_dir, tokenizer_dir=tokenizer_dir.name,
                   num_rows=len(rendered["train"]["id"]), num_eval_rows=len(rendered.get("eval", {"id": []})["id"]),
                   num_dropped_overflow=counts["dropped_overflow"], num_truncated=counts["truncated"],
-                  num_parity_checked=counts["parity_checked"], length_stats=stats, histogram_path=histogram.name)
+                  num_parity_checked=counts["parity_checked"],
+                  longest_row=max(len(ids) for ids in rendered["train"]["input_ids"]), length_stats=stats, histogram_path=histogram.name)

@@ -9,6 +9,8 @@ merge.export=mxfp4 saves the experts back in MXFP4, in the openai/gpt-oss releas
 measuring on the eval split (else the training rows) how much of the fine-tune's effect on the logits the rounding
 kept; below merge.min_retention nothing is saved.
 """
+from __future__ import annotations  # torch.Tensor in annotations without importing torch
+
 import json
 import logging
 import shutil
@@ -17,18 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import torch
-from datasets import load_from_disk
-from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from steps import mxfp4
 from steps.contract import read_manifest, read_output
-from steps.model import ModelConfig
-from steps.modeling import DTYPES, load_model
-from steps.tokenizer import add_response_template
+from steps.model import DTYPE_NAMES, ModelConfig
 from steps.tracking import Tracker
 from steps.train import save_dir_atomic
+
+# torch, transformers, TRL and PEFT are imported where they are used: reading a profile must not pay for them.
 
 log = logging.getLogger("finetune")
 
@@ -65,7 +61,7 @@ class Config:
     """With export=mxfp4: rows of the eval split (else of the training split) that retention and eval loss use."""
 
     def __post_init__(self):
-        if self.dtype not in DTYPES:
+        if self.dtype not in DTYPE_NAMES:
             hint = "; MXFP4 is an export format: set merge.export=mxfp4" if self.dtype.lower() == "mxfp4" else ""
             raise ValueError(f"merge.dtype={self.dtype!r} is not supported; set merge.dtype=bfloat16 (or float32){hint}")
         if self.export not in EXPORTS:
@@ -116,6 +112,8 @@ def fixed_architectures(names: list[str]) -> list[str]:
 
 
 def probe_ids(tokenizer, num_tokens: int) -> torch.Tensor:
+    import torch
+
     ids = tokenizer.apply_chat_template(PROBE_MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=False)
     ids = (ids * (num_tokens // len(ids) + 1))[:num_tokens]
     return torch.tensor([ids])
@@ -124,6 +122,9 @@ def probe_ids(tokenizer, num_tokens: int) -> torch.Tensor:
 def probe_rows(train_dir: Path, *, tokenizer, num_rows: int, num_tokens: int) -> tuple[list, str]:
     """[(input_ids, labels)] for retention and eval loss: the eval split's first rows, else the training split's
     (loss on the assistant turn, as trained), else (no harmony step upstream) the fixed chat, loss on every token."""
+    import torch
+    from datasets import load_from_disk
+
     harmony_dir = read_manifest(train_dir).get("inputs", {}).get("harmony")
     if harmony_dir:
         harmony = read_output(harmony_dir)
@@ -136,9 +137,11 @@ def probe_rows(train_dir: Path, *, tokenizer, num_rows: int, num_tokens: int) ->
     return [(ids, ids.clone())], "fixed chat"
 
 
-@torch.no_grad()
 def logits_of(net, ids: torch.Tensor) -> torch.Tensor:
-    return net(input_ids=ids.to(net.device)).logits.float().cpu()
+    import torch
+
+    with torch.no_grad():
+        return net(input_ids=ids.to(net.device)).logits.float().cpu()
 
 
 def check_close(a: torch.Tensor, b: torch.Tensor, *, tolerance: float, what: str, hint: str = "") -> float:
@@ -150,6 +153,8 @@ def check_close(a: torch.Tensor, b: torch.Tensor, *, tolerance: float, what: str
 
 
 def load_base(trained: dict, *, train_dir: Path, tokenizer, cfg: Config):
+    from steps.modeling import load_model
+
     if not trained["base_model"]:
         raise ValueError(f"{train_dir} trained on a random base it did not save (train.save_random_base=false); "
                          "re-run train with train.save_random_base=true to merge it (or, for a full fine-tune, set "
@@ -180,6 +185,14 @@ def retention_refusal(figures: dict, *, min_retention: float) -> str:
 
 
 def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Tracker) -> Output:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from steps import mxfp4
+    from steps.modeling import DTYPES, load_model
+    from steps.tokenizer import add_response_template
+
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("merge.device=cuda but this machine has no CUDA device; set merge.device=cpu, "
                          "or run on a GPU machine (in Docker: docker run --gpus all …)")

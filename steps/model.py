@@ -41,6 +41,18 @@ TINY_SHAPE = {
     "max_position_embeddings": 4096,
 }
 SHAPE_PRESETS = {"tiny": TINY_SHAPE, "gpt-oss-20b": GPT_OSS_20B_SHAPE, "gpt-oss-120b": GPT_OSS_120B_SHAPE}
+# The fields of transformers 5.23's GptOssConfig, written out so a profile is checked without importing transformers
+# (and torch with it: ~8 s); tests/test_modeling.py holds the list to the installed class.
+GPT_OSS_CONFIG_FIELDS = frozenset({
+    "architectures", "attention_bias", "attention_dropout", "bos_token_id", "chunk_size_feed_forward", "dtype",
+    "eos_token_id", "head_dim", "hidden_act", "hidden_size", "id2label", "initializer_range", "intermediate_size",
+    "is_encoder_decoder", "label2id", "layer_types", "max_position_embeddings", "num_attention_heads",
+    "num_experts_per_tok", "num_hidden_layers", "num_key_value_heads", "num_local_experts", "output_hidden_states",
+    "output_router_logits", "pad_token_id", "problem_type", "return_dict", "rms_norm_eps", "rope_parameters",
+    "router_aux_loss_coef", "sliding_window", "swiglu_alpha", "swiglu_limit", "tie_word_embeddings",
+    "transformers_version", "use_cache", "vocab_size"})
+# Weight dtypes a gpt-oss model trains and merges in (steps/modeling.py maps them to torch dtypes).
+DTYPE_NAMES = ("bfloat16", "float32")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,6 +79,10 @@ class ModelConfig:
             raise ValueError(f"model.random_shape.preset={preset!r} is unknown; choose one of {', '.join(SHAPE_PRESETS)}")
         if "vocab_size" in self.random_shape:
             raise ValueError("model.random_shape.vocab_size is set from the tokenizer; remove it")
+        unknown = sorted(set(self.random_shape) - GPT_OSS_CONFIG_FIELDS - {"preset"})
+        if unknown:
+            raise ValueError(f"model.random_shape.{unknown[0]} is not a GptOssConfig field; use preset or one of "
+                             f"{', '.join(sorted(GPT_OSS_CONFIG_FIELDS & set(GPT_OSS_20B_SHAPE)))}")
 
     @property
     def tokenizer_source(self) -> str:

@@ -1,7 +1,9 @@
-"""Loading gpt-oss models for training and merging: random weights of a shape (tests, benchmarks) or a checkpoint."""
-import dataclasses
+"""Loading gpt-oss models for training and merging: random weights of a shape (tests, benchmarks) or a checkpoint;
+the fused expert and CPU LM-head paths the train step runs on."""
 import logging
 import types
+from contextlib import ExitStack, contextmanager
+from unittest import mock
 
 import torch
 from accelerate import init_empty_weights
@@ -9,19 +11,17 @@ from transformers import AutoConfig, AutoModelForCausalLM, GptOssConfig, GptOssF
 from transformers.integrations.moe import _grouped_mm  # F.grouped_mm where the device and dtype allow, else a loop
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+import trl.trainer.utils as trl_utils
 
-from steps.model import GPT_OSS_20B_SHAPE, SHAPE_PRESETS, ModelConfig
+from steps.model import DTYPE_NAMES, SHAPE_PRESETS, ModelConfig
 
 log = logging.getLogger("finetune")
-_GPT_OSS_FIELDS = {f.name for f in dataclasses.fields(GptOssConfig)}
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
+
 
 def random_config(model: ModelConfig, *, vocab_size: int) -> GptOssConfig:
-    """The GptOssConfig of a name=random model: its preset's shape, then the profile's overrides."""
-    unknown = sorted(set(model.random_shape) - _GPT_OSS_FIELDS - {"preset"})
-    if unknown:
-        raise ValueError(f"model.random_shape.{unknown[0]} is not a GptOssConfig field; use preset or one of "
-                         f"{', '.join(sorted(_GPT_OSS_FIELDS & set(GPT_OSS_20B_SHAPE)))}")
+    """The GptOssConfig of a name=random model: its preset's shape, then the profile's overrides (ModelConfig has
+    checked their names)."""
     overrides = {k: v for k, v in model.random_shape.items() if k != "preset"}
     shape = {**SHAPE_PRESETS[model.random_shape.get("preset", "tiny")], **overrides}
     return GptOssConfig(**shape, vocab_size=vocab_size, use_cache=False)
@@ -213,3 +213,89 @@ def fast_experts(net: GptOssForCausalLM) -> None:
     for module in net.modules():
         if isinstance(module, GptOssExperts):
             module.forward = types.MethodType(_experts_forward, module)
+
+
+# Label positions per LM-head tile on CPU: 32 x 201k fp32 logits (26 MiB) stay under glibc's 32 MiB mmap threshold, so
+# the tile and its temporaries are reused from the heap instead of being mapped, zeroed and unmapped on every use.
+CPU_LM_HEAD_ROWS = 32
+
+
+class _CpuLogProbs(torch.autograd.Function):
+    """TRL's ChunkedLogProbFunction for the plain CPU case (no bias, softcap, logit scale or temperature), in fewer
+    passes over the logits: log p(target) by logsumexp, entropy and is-top-1 (metrics only, no gradient), and a
+    backward that recomputes each tile and turns it into the logits gradient in place."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, outputs):
+        num_rows = hidden.shape[0]
+        h, w = hidden.float(), weight.float()  # a no-op in fp32; bf16 autocast runs the head in fp32, like TRL's fp32 accumulation
+        log_z = h.new_empty(num_rows)
+        logprobs, entropy = torch.empty_like(log_z), torch.empty_like(log_z)
+        is_top1 = torch.empty(num_rows, dtype=torch.bool)
+        for start in range(0, num_rows, CPU_LM_HEAD_ROWS):
+            rows = slice(start, start + CPU_LM_HEAD_ROWS)
+            logits = h[rows] @ w.t()
+            log_z[rows] = torch.logsumexp(logits, -1)
+            logprobs[rows] = logits.gather(1, targets[rows, None]).squeeze(1) - log_z[rows]
+            if "is_top1" in outputs:  # argmax takes the first maximum, as TRL's kernel does
+                is_top1[rows] = logits.argmax(-1) == targets[rows]
+            if "entropy" in outputs:
+                log_p = logits.sub_(log_z[rows, None])
+                entropy[rows] = -(log_p.exp() * log_p).sum(-1)
+        ctx.save_for_backward(hidden, weight, targets, log_z)
+        ctx.mark_non_differentiable(entropy, is_top1)
+        return logprobs, entropy if "entropy" in outputs else None, is_top1 if "is_top1" in outputs else None
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, *_):
+        hidden, weight, targets, log_z = ctx.saved_tensors
+        h, w = hidden.float(), weight.float()
+        grad_hidden, grad_weight = torch.zeros_like(h), torch.zeros_like(w)
+        for start in range(0, h.shape[0], CPU_LM_HEAD_ROWS):
+            rows = slice(start, start + CPU_LM_HEAD_ROWS)
+            grad = (h[rows] @ w.t()).sub_(log_z[rows, None]).exp_()  # softmax
+            grad[torch.arange(grad.shape[0]), targets[rows]] -= 1
+            grad.mul_(-grad_logprobs[rows, None])  # d(g * log p_target)/dz = g * (onehot - p)
+            grad_hidden[rows] = grad @ w
+            grad_weight.addmm_(grad.t(), h[rows])
+        return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None, None
+
+
+class _CpuChunkedLogProbs:
+    """Stands in for trl.kernels.ChunkedLogProbFunction while training on CPU: _CpuLogProbs where it applies, TRL's
+    own function otherwise (a bias, softcapping, logit scale, temperature or other requested outputs)."""
+
+    trl_function = trl_utils._ChunkedLogProbFunction
+
+    @classmethod
+    def apply(cls, hidden, weight, bias, targets, temperature, chunk_size, softcap=None, logit_scale=1.0,
+              outputs=("log_probs",)):
+        if (hidden.device.type != "cpu" or bias is not None or softcap is not None or logit_scale != 1.0
+                or temperature != 1.0 or not set(outputs) <= {"log_probs", "entropy", "is_top1"}):
+            return cls.trl_function.apply(hidden, weight, bias, targets, temperature, chunk_size, softcap, logit_scale,
+                                          outputs)
+        logprobs, entropy, is_top1 = _CpuLogProbs.apply(hidden, weight, targets, tuple(outputs))
+        return logprobs, entropy, None, None, is_top1
+
+
+@contextmanager
+def cpu_lm_head(device: str):
+    """On CPU, make TRL's fused LM head score only the label positions, with fewer passes over the logits.
+
+    TRL 1.16's fused head (trl/trainer/utils.py add_fused_lm_head, which SFTTrainer installs) scores only the
+    positions with a label where `_use_triton(device)` holds (CUDA/XPU); elsewhere it projects every position through
+    the whole vocabulary, because on Neuron a varying number of positions would recompile the graph. Eager CPU has no
+    graph to recompile, so the compact path is exact there too, and with gpt-oss's 201k vocabulary it skips the ~60% of
+    positions without loss (prompt, padding). Its torch fallback for devices without Triton then makes ~25 passes
+    over 32k-column tiles of 100+ MiB (mapped and unmapped each time: most of a CPU step was kernel time);
+    _CpuLogProbs makes ~8 over small tiles. The fused forward looks both names up at call time, so they are
+    patched for the duration of training only; GPU runs never enter here.
+    """
+    if device != "cpu":
+        yield
+        return
+    use_triton = trl_utils._use_triton
+    with ExitStack() as stack:
+        stack.enter_context(mock.patch.object(trl_utils, "_use_triton", lambda dev: dev.type == "cpu" or use_triton(dev)))
+        stack.enter_context(mock.patch.object(trl_utils, "_ChunkedLogProbFunction", _CpuChunkedLogProbs))
+        yield

@@ -26,10 +26,36 @@ class TrackingConfig:
     """Set false to run without MLflow at all."""
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys silently; in a profile that hides which value is in force."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ValueError(f"line {key_node.start_mark.line + 1}: key {key!r} appears twice in the same "
+                                 "mapping; keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path) -> dict:
+    shipped = ", ".join(p.name for p in sorted(CONFIGS_DIR.glob("*.yaml")))
+    if path.is_dir():
+        raise ValueError(f"--config {path} is a folder; give a profile file, e.g. --config {CONFIGS_DIR / 'tiny-cpu.yaml'} "
+                         f"(shipped: {shipped})")
     if not path.is_file():
-        raise ValueError(f"profile {path} does not exist; pick one of {', '.join(p.name for p in sorted(CONFIGS_DIR.glob('*.yaml')))} in {CONFIGS_DIR}")
-    data = yaml.safe_load(path.read_text()) or {}
+        raise ValueError(f"profile {path} does not exist; pick one of {shipped} in {CONFIGS_DIR}")
+    try:
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        context = f" ({e.context} at line {e.context_mark.line + 1})" if e.context and e.context_mark else ""
+        raise ValueError(f"profile {path}{where} is not valid YAML: {e.problem or e.context}{context}; fix the YAML there") from None
+    except ValueError as e:
+        raise ValueError(f"profile {path} {e}") from None
     if not isinstance(data, dict):
         raise ValueError(f"profile {path} must be a mapping of sections ({', '.join(SECTIONS)}), not {type(data).__name__}")
     return data
@@ -58,12 +84,34 @@ def _parse_value(raw: str):
     return value
 
 
+def _read_with_bases(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """A profile merged over the profile its `base:` names, recursively; a cycle or a missing base is an error."""
+    data = _read_yaml(path)
+    if "base" not in data:
+        return data
+    base = data.pop("base")
+    if not isinstance(base, str) or not base:
+        raise ValueError(f"profile {path}: base: must be a file name (e.g. base: h100-lora.yaml), not {base!r}")
+    base_path = (path.parent / base).resolve()
+    chain = (*chain, path.resolve())
+    if base_path in chain:
+        cycle = " -> ".join(p.name for p in (*chain[chain.index(base_path):], base_path))
+        raise ValueError(f"profile {path}: base: {base} makes a cycle ({cycle}); remove base: from one of them")
+    if not base_path.is_file():
+        raise ValueError(f"profile {path}: base: {base} does not exist (looked for {base_path}); "
+                         "fix the name, relative to the profile's own folder")
+    return _merge(_read_with_bases(base_path, chain), data)
+
+
 def load_profile(path: str | Path, overrides: list[str] = ()) -> dict:
     """Read a profile (following `base:` to the profile it extends) and apply `section.key=value` overrides."""
     path = Path(path)
-    data = _read_yaml(path)
-    if "base" in data:
-        data = _merge(load_profile(path.parent / data.pop("base")), data)
+    data = _read_with_bases(path)
+    for section, body in data.items():
+        if body is not None and not isinstance(body, dict):
+            raise ValueError(f"profile {path}: section {section}: must be a mapping of keys (e.g. {section}: "
+                             f"{{key: value}}), not {type(body).__name__} {body!r}")
+    data = {section: body or {} for section, body in data.items()}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or "." not in key:

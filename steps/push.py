@@ -9,6 +9,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 from steps.contract import read_manifest, read_output, write_json_atomic
 from steps.tracking import Tracker
@@ -136,12 +137,18 @@ def model_card(*, repo_id: str, manifests: dict[str, dict]) -> str:
 
 
 def _push(cfg: Config, *, model_dir: Path, card_path: Path, token: str) -> tuple[str, str]:
-    from huggingface_hub import CommitOperationAdd, HfApi
-    from huggingface_hub.errors import HfHubHTTPError
+    import httpx2  # huggingface_hub's HTTP client
+    from huggingface_hub import CommitOperationAdd, HfApi, constants
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     api = HfApi(endpoint=cfg.endpoint or None, token=token)
     try:
         repo_url = api.create_repo(cfg.repo_id, private=cfg.private, exist_ok=True)
+    except (httpx2.TransportError, OfflineModeIsEnabled) as e:
+        host = urlparse(cfg.endpoint or constants.ENDPOINT).netloc
+        raise ValueError(f"push.dry_run=false, but {host} cannot be reached ({type(e).__name__}: {e}); offline, set "
+                         f"push.dry_run=true (the upload plan and model card are written) and push from a machine "
+                         f"that reaches {host}") from None
     except HfHubHTTPError as err:
         if err.response is not None and err.response.status_code == 401:
             raise ValueError(f"the Hub rejected the token in ${cfg.token_env} (HTTP 401); set {cfg.token_env} to a "

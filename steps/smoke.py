@@ -5,6 +5,7 @@ readiness, /v1/models, one chat completion per reasoning language, one streaming
 request with a tool that must come back as a call to it. Writes report.json and report.md, always stops the server, and
 fails when any check fails.
 """
+import ctypes
 import json
 import logging
 import os
@@ -177,6 +178,21 @@ def _wait_ready(proc: subprocess.Popen, url: str, *, timeout_s: float, server_lo
                        f"large. Last log lines:\n{_log_tail(server_log)}")
 
 
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with(parent_pid: int):
+    """preexec_fn: the kernel SIGKILLs the server when the thread that started it dies, however it dies (SIGKILL
+    included), so no server outlives its step; the server runs in its own session, which a group kill misses."""
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded before the fork: the child only makes the call
+
+    def set_parent_death_signal():
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent_pid:  # the parent died before the call took effect
+            os.kill(os.getpid(), signal.SIGKILL)
+    return set_parent_death_signal
+
+
 def _stop(proc: subprocess.Popen, grace_s: float) -> None:
     if proc.poll() is not None:
         return
@@ -343,6 +359,11 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
     model_dir = Path(read_output(inputs["merge"])["model_dir"])
     if not (model_dir / "config.json").is_file():
         raise ValueError(f"merge output {model_dir} holds no config.json; rerun the merge step (--out {inputs['merge']})")
+    try:
+        json.loads((model_dir / "config.json").read_text())
+    except ValueError as e:
+        raise ValueError(f"{model_dir / 'config.json'} is not valid JSON ({e}); rerun the merge step "
+                         f"(--out {inputs['merge']})") from None
     model_name = cfg.served_model_name or str(model_dir)
     # An MXFP4 export (merge.export=mxfp4) is served as is: SGLang runs its experts in MXFP4, transformers on a CPU
     # dequantizes them on load.
@@ -356,7 +377,7 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
     log.info("smoke: starting %s (%s weights)", " ".join(command), weights_format)
     with server_log.open("w") as log_file:
         proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-                                env=_server_env(cfg, out_dir))
+                                env=_server_env(cfg, out_dir), preexec_fn=_die_with(os.getpid()))
     try:
         try:
             startup_s = round(_wait_ready(proc, base_url + READY_PATH[cfg.backend], timeout_s=cfg.startup_timeout_s,
@@ -418,8 +439,10 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
     tracker.log_metrics({"smoke_startup_s": startup_s or 0.0, "smoke_mean_latency_s": report["mean_latency_s"],
                          "smoke_tokens_per_s": report["tokens_per_s"], "smoke_num_failed": len(failed)})
     if failed:
-        raise RuntimeError(f"smoke test failed {len(failed)}/{len(checks)} checks: {', '.join(failed)}; "
-                           f"see {md_path} and {server_log}")
+        # A result, not a crash: one line naming the checks (and the first one's detail), the report has the rest.
+        first = next(c for c in checks if not c["passed"])
+        raise ValueError(f"smoke test failed {len(failed)}/{len(checks)} checks: {', '.join(failed)} "
+                         f"({first['name']}: {first['detail']}); see {md_path} and {server_log}")
     return Output(
         report_path=report_path.name, report_md_path=md_path.name, server_log_path=server_log.name,
         num_checks=len(checks), num_failed=0, startup_s=startup_s, mean_latency_s=report["mean_latency_s"],

@@ -2,41 +2,43 @@
 
 Fine-tune gpt-oss on the harmony step's tokens: LoRA on attention + expert parameters, or a full fine-tune, with
 TRL's SFTTrainer over PEFT; loss only where the harmony step's `assistant_masks` is 1. Checkpoints go to
-DIR2/checkpoints/checkpoint-N (resume=true continues from the newest complete one), the result to DIR2/model.
+DIR2/checkpoints/checkpoint-N (running the same command again after a crash continues from the newest complete one),
+the result to DIR2/model.
 """
 import json
 import logging
-import math
 import os
-import resource
 import shutil
-import time
+import warnings
 from collections.abc import Mapping
-from contextlib import ExitStack, contextmanager
-from unittest import mock
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import torch
-from accelerate.state import PartialState
-from accelerate.utils import DistributedType
-from datasets import load_from_disk
-from peft import LoraConfig
-from peft.helpers import disable_input_dtype_casting
-from transformers import AutoTokenizer, TrainerCallback
-from transformers.trainer_utils import SchedulerType
-import trl.trainer.utils as trl_utils
-from trl import SFTConfig, SFTTrainer
-
-from steps.contract import is_main_process, read_output
-from steps.model import ModelConfig
-from steps.modeling import DTYPES, fast_experts, load_model, mask_packed_documents
+from steps.contract import is_main_process, is_retry, read_output
+from steps.model import DTYPE_NAMES, ModelConfig
 from steps.tracking import Tracker
+
+# torch, transformers, TRL and PEFT are imported inside run(): reading and checking a profile (`finetune check`, the
+# flow before its first step) must not pay ~10 s for them.
 
 log = logging.getLogger("finetune")
 
 INPUTS = ("harmony",)
+KEEP_ON_RESTART = ("checkpoints",)  # the contract clears the rest of the out dir when the step starts
+# transformers 5.23's schedulers (transformers.trainer_utils.SchedulerType) and the keyword arguments each takes beyond
+# the optimizer and step counts (TYPE_TO_SCHEDULER_FUNCTION); written out so a profile is checked without importing
+# torch. tests/test_train.py holds them to the installed transformers.
+SCHEDULER_KWARGS = {
+    "linear": (), "cosine": ("num_cycles",), "cosine_with_restarts": ("num_cycles",),
+    "polynomial": ("lr_end", "power"), "constant": (), "constant_with_warmup": (), "inverse_sqrt": ("timescale",),
+    "reduce_lr_on_plateau": None,  # None: any (passed through to torch's ReduceLROnPlateau)
+    "cosine_with_min_lr": ("num_cycles", "min_lr", "min_lr_rate"),
+    "cosine_warmup_with_min_lr": ("num_cycles", "min_lr", "min_lr_rate", "warmup_lr_rate"),
+    "warmup_stable_decay": ("num_decay_steps", "num_stable_steps", "warmup_type", "decay_type", "min_lr_ratio",
+                            "num_cycles"),
+    "greedy": None,
+}
 EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")
 _COMPLETE_MARKER = "trainer_state.json"  # Trainer writes it last into a checkpoint folder
 
@@ -97,8 +99,10 @@ class Config:
     """Write a checkpoint every this many optimizer steps (and always at the end)."""
     num_checkpoints_kept: int = 2
     """Older checkpoints beyond this many are deleted."""
-    resume: bool = False
-    """Continue from the newest complete checkpoint in the out dir (same data order); false deletes old checkpoints."""
+    resume: Literal["auto", True, False] = "auto"
+    """auto: a re-run of an interrupted run with the same fingerprint (config, data, code) continues from its newest
+    complete checkpoint, anything else starts fresh; true: continue from the newest checkpoint even after a change
+    (e.g. a raised max_steps; same data order); false: always start fresh."""
     seed: int = 42
     """Seed of data order, LoRA initialisation and dropout."""
     logging_steps: int = 1
@@ -120,7 +124,7 @@ class Config:
             # checkpoint wrapper's, so it saves an empty adapter (seen on 2 x H200 and on CPU).
             raise ValueError("train.method=lora with train.fsdp=true and train.gradient_checkpointing=true saves an empty "
                              "adapter (PEFT 0.21.2); set train.gradient_checkpointing=false")
-        if self.dtype not in DTYPES:
+        if self.dtype not in DTYPE_NAMES:
             raise ValueError(f"train.dtype={self.dtype!r} cannot be trained: gpt-oss checkpoints store experts in MXFP4, "
                              "which takes no gradients, so they are dequantized on load; set train.dtype=bfloat16 (or float32)")
         if self.attn_implementation == "sdpa":
@@ -129,9 +133,17 @@ class Config:
         if self.attn_implementation == "flex_attention" and self.device == "cpu":
             raise ValueError("train.attn_implementation=flex_attention cannot run gpt-oss attention sinks on CPU; "
                              "set train.attn_implementation=eager for train.device=cpu")
-        if self.lr_scheduler not in {s.value for s in SchedulerType}:
+        if self.lr_scheduler not in SCHEDULER_KWARGS:
             raise ValueError(f"train.lr_scheduler={self.lr_scheduler!r} is unknown; choose one of "
-                             f"{', '.join(s.value for s in SchedulerType)}")
+                             f"{', '.join(SCHEDULER_KWARGS)}")
+        accepted = SCHEDULER_KWARGS[self.lr_scheduler]
+        unknown = sorted(set(self.lr_scheduler_kwargs) - set(accepted)) if accepted is not None else []
+        if unknown:
+            raise ValueError(f"train.lr_scheduler_kwargs.{unknown[0]} is not an argument of the {self.lr_scheduler} "
+                             f"scheduler; it takes {', '.join(accepted) or 'none'} (set train.lr_scheduler_kwargs={{}} "
+                             "for none)")
+        if not self.learning_rate > 0:
+            raise ValueError(f"train.learning_rate={self.learning_rate} must be positive, e.g. 2e-4 for LoRA")
         for name in ("lora_r", "lora_alpha", "per_device_batch_size", "grad_accum_steps", "max_length", "save_steps",
                      "num_checkpoints_kept", "logging_steps"):
             if getattr(self, name) < 1:
@@ -185,9 +197,17 @@ class Output:
 
 
 def last_complete_checkpoint(checkpoints_dir: Path) -> Path | None:
-    """The newest checkpoint-N holding trainer_state.json (written last, so one without it was cut off mid-save)."""
+    """The newest checkpoint-N holding a readable trainer_state.json (written last, so one without it, or with it cut
+    off, was interrupted mid-save)."""
+    def is_complete(checkpoint: Path) -> bool:
+        try:
+            json.loads((checkpoint / _COMPLETE_MARKER).read_text())
+        except (FileNotFoundError, ValueError):
+            return False
+        return True
+
     found = sorted(checkpoints_dir.glob("checkpoint-*"), key=lambda p: int(p.name.rpartition("-")[2]))
-    complete = [p for p in found if (p / _COMPLETE_MARKER).is_file()]
+    complete = [p for p in found if is_complete(p)]
     for partial in found:
         if complete and partial not in complete and int(partial.name.rpartition("-")[2]) > int(complete[-1].name.rpartition("-")[2]):
             log.info("train: removing %s, a checkpoint cut off mid-save", partial)
@@ -211,192 +231,11 @@ def save_dir_atomic(out: Path, write, *, is_main: bool = True) -> None:
     os.replace(tmp, out)
 
 
-def peak_mem_gib(device: str) -> float:
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-# Dense bf16 tensor-core peak per GPU (no sparsity), by a substring of torch.cuda.get_device_name(); first match wins.
-PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
-
-
-def peak_bf16_flops(device: str) -> float | None:
-    """The GPU's peak dense bf16 FLOP/s for MFU, or None (CPU, or a GPU not in PEAK_BF16_FLOPS: MFU is not logged)."""
-    if device != "cuda":
-        return None
-    name = torch.cuda.get_device_name()
-    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
-
-
-def model_flops_per_token(config, method: str) -> float:
-    """Matmul FLOPs one token costs in training: forward 2N, backward 2N for the activation gradients, plus 2N for
-    the weight gradients when every weight trains (full); N = the weights a token passes through (attention, router,
-    its top-k experts, LM head). Attention scores are left out (~2% at gpt-oss's ~1k-token rows)."""
-    h, head = config.hidden_size, config.head_dim
-    attention = h * head * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
-    experts = config.num_experts_per_tok * 3 * h * config.intermediate_size  # gate_up (h x 2i) + down (i x h)
-    n = config.num_hidden_layers * (attention + h * config.num_local_experts + experts) + h * config.vocab_size
-    return (6 if method == "full" else 4) * n
-
-
-class _Progress(TrainerCallback):
-    """Forwards every log to the tracker (loss, grad_norm, learning_rate, tokens/s, MFU, peak memory) and the console.
-
-    tokens/s counts the optimizer steps' own time: checkpoint writes are left out (a save restarts the clock).
-    """
-
-    def __init__(self, tracker: Tracker, device: str, flops_per_token: float, peak_flops: float | None):
-        self.tracker, self.device = tracker, device
-        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
-        self.loss_curve: list[list[float]] = []
-        self.intervals: list[tuple[float, float]] = []  # (tokens, seconds) per log
-
-    def _sync(self):
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self._sync()
-        self.start_s = self.mark_s = time.perf_counter()
-        self.start_step, self.last_tokens, self.busy_s = state.global_step, 0, 0.0  # TRL counts num_tokens from 0 in each process
-        self.num_gpus = args.world_size  # num_tokens counts every process's tokens
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self._sync()
-        now = time.perf_counter()
-        self.busy_s += now - self.mark_s
-        self.mark_s = now
-        if state.global_step == self.start_step + 1:
-            self.first_step_end_s = now  # the ETA leaves out the first step: it holds the compile and warm-up
-
-    def eta_s(self, state, now: float) -> float:
-        """Seconds left at the pace of the steps after the first (checkpoint writes included), or of the first alone."""
-        done = state.global_step - self.start_step
-        if done >= 2:
-            per_step = (now - self.first_step_end_s) / (done - 1)
-        else:
-            per_step = (now - self.start_s) / max(done, 1)
-        return per_step * (state.max_steps - state.global_step)
-
-    def on_save(self, args, state, control, **kwargs):
-        self.mark_s = time.perf_counter()
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if "loss" not in logs:  # the end-of-training summary log
-            return
-        metrics = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        if "num_tokens" in logs and self.busy_s > 0:
-            tokens = logs["num_tokens"] - self.last_tokens
-            self.intervals.append((tokens, self.busy_s))
-            metrics["tokens_per_s"] = tokens / self.busy_s
-            if self.peak_flops:
-                metrics["mfu"] = metrics["tokens_per_s"] * self.flops_per_token / (self.peak_flops * self.num_gpus)
-            self.last_tokens, self.busy_s = logs["num_tokens"], 0.0
-        metrics["peak_mem_gib"] = peak_mem_gib(self.device)
-        self.tracker.log_metrics(metrics, step=state.global_step)
-        self.loss_curve.append([state.global_step, metrics["loss"]])
-        eta_s = self.eta_s(state, time.perf_counter())
-        log.info("train: step %d/%d loss %.4f grad_norm %.3f lr %.2e %.0f tokens/s%s peak %.1f GiB ETA %.0f s",
-                 state.global_step, state.max_steps, metrics["loss"], metrics.get("grad_norm", math.nan),
-                 metrics.get("learning_rate", math.nan), metrics.get("tokens_per_s", math.nan),
-                 f" MFU {metrics['mfu']:.1%}" if "mfu" in metrics else "", metrics["peak_mem_gib"], eta_s)
-
-    def steady_tokens_per_s(self) -> float:
-        """Tokens/s over the logged intervals after the first (which holds the compile / warm-up step), or over the
-        first when it is the only one."""
-        steady = self.intervals[1:] or self.intervals
-        return sum(t for t, _ in steady) / max(sum(s for _, s in steady), 1e-9)
-
-
-# Label positions per LM-head tile on CPU: 32 x 201k fp32 logits (26 MiB) stay under glibc's 32 MiB mmap threshold, so
-# the tile and its temporaries are reused from the heap instead of being mapped, zeroed and unmapped on every use.
-CPU_LM_HEAD_ROWS = 32
-
-
-class _CpuLogProbs(torch.autograd.Function):
-    """TRL's ChunkedLogProbFunction for the plain CPU case (no bias, softcap, logit scale or temperature), in fewer
-    passes over the logits: log p(target) by logsumexp, entropy and is-top-1 (metrics only, no gradient), and a
-    backward that recomputes each tile and turns it into the logits gradient in place."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, outputs):
-        num_rows = hidden.shape[0]
-        h, w = hidden.float(), weight.float()  # a no-op in fp32; bf16 autocast runs the head in fp32, like TRL's fp32 accumulation
-        log_z = h.new_empty(num_rows)
-        logprobs, entropy = torch.empty_like(log_z), torch.empty_like(log_z)
-        is_top1 = torch.empty(num_rows, dtype=torch.bool)
-        for start in range(0, num_rows, CPU_LM_HEAD_ROWS):
-            rows = slice(start, start + CPU_LM_HEAD_ROWS)
-            logits = h[rows] @ w.t()
-            log_z[rows] = torch.logsumexp(logits, -1)
-            logprobs[rows] = logits.gather(1, targets[rows, None]).squeeze(1) - log_z[rows]
-            if "is_top1" in outputs:  # argmax takes the first maximum, as TRL's kernel does
-                is_top1[rows] = logits.argmax(-1) == targets[rows]
-            if "entropy" in outputs:
-                log_p = logits.sub_(log_z[rows, None])
-                entropy[rows] = -(log_p.exp() * log_p).sum(-1)
-        ctx.save_for_backward(hidden, weight, targets, log_z)
-        ctx.mark_non_differentiable(entropy, is_top1)
-        return logprobs, entropy if "entropy" in outputs else None, is_top1 if "is_top1" in outputs else None
-
-    @staticmethod
-    def backward(ctx, grad_logprobs, *_):
-        hidden, weight, targets, log_z = ctx.saved_tensors
-        h, w = hidden.float(), weight.float()
-        grad_hidden, grad_weight = torch.zeros_like(h), torch.zeros_like(w)
-        for start in range(0, h.shape[0], CPU_LM_HEAD_ROWS):
-            rows = slice(start, start + CPU_LM_HEAD_ROWS)
-            grad = (h[rows] @ w.t()).sub_(log_z[rows, None]).exp_()  # softmax
-            grad[torch.arange(grad.shape[0]), targets[rows]] -= 1
-            grad.mul_(-grad_logprobs[rows, None])  # d(g * log p_target)/dz = g * (onehot - p)
-            grad_hidden[rows] = grad @ w
-            grad_weight.addmm_(grad.t(), h[rows])
-        return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None, None
-
-
-class _CpuChunkedLogProbs:
-    """Stands in for trl.kernels.ChunkedLogProbFunction while training on CPU: _CpuLogProbs where it applies, TRL's
-    own function otherwise (a bias, softcapping, logit scale, temperature or other requested outputs)."""
-
-    trl_function = trl_utils._ChunkedLogProbFunction
-
-    @classmethod
-    def apply(cls, hidden, weight, bias, targets, temperature, chunk_size, softcap=None, logit_scale=1.0,
-              outputs=("log_probs",)):
-        if (hidden.device.type != "cpu" or bias is not None or softcap is not None or logit_scale != 1.0
-                or temperature != 1.0 or not set(outputs) <= {"log_probs", "entropy", "is_top1"}):
-            return cls.trl_function.apply(hidden, weight, bias, targets, temperature, chunk_size, softcap, logit_scale,
-                                          outputs)
-        logprobs, entropy, is_top1 = _CpuLogProbs.apply(hidden, weight, targets, tuple(outputs))
-        return logprobs, entropy, None, None, is_top1
-
-
-@contextmanager
-def _cpu_lm_head(device: str):
-    """On CPU, make TRL's fused LM head score only the label positions, with fewer passes over the logits.
-
-    TRL 1.16's fused head (trl/trainer/utils.py add_fused_lm_head, which SFTTrainer installs) scores only the
-    positions with a label where `_use_triton(device)` holds (CUDA/XPU); elsewhere it projects every position through
-    the whole vocabulary, because on Neuron a varying number of positions would recompile the graph. Eager CPU has no
-    graph to recompile, so the compact path is exact there too, and with gpt-oss's 201k vocabulary it skips the ~60% of
-    positions without loss (prompt, padding). Its torch fallback for devices without Triton then makes ~25 passes
-    over 32k-column tiles of 100+ MiB (mapped and unmapped each time: most of a CPU step was kernel time);
-    _CpuLogProbs makes ~8 over small tiles. The fused forward looks both names up at call time, so they are
-    patched for the duration of training only; GPU runs never enter here.
-    """
-    if device != "cpu":
-        yield
-        return
-    use_triton = trl_utils._use_triton
-    with ExitStack() as stack:
-        stack.enter_context(mock.patch.object(trl_utils, "_use_triton", lambda dev: dev.type == "cpu" or use_triton(dev)))
-        stack.enter_context(mock.patch.object(trl_utils, "_ChunkedLogProbFunction", _CpuChunkedLogProbs))
-        yield
-
-
-def lora_config(cfg: Config, net) -> LoraConfig:
+def lora_config(cfg: Config, net):
     """LoRA on cfg's linear modules and expert parameters, after checking each names something in `net`."""
+    import torch
+    from peft import LoraConfig
+
     linear_names = sorted({name for name, m in net.named_modules() if isinstance(m, torch.nn.Linear)})
     if cfg.lora_target_modules != "all-linear":
         leaf_names = sorted({name.rpartition(".")[2] for name in linear_names})
@@ -415,7 +254,36 @@ def lora_config(cfg: Config, net) -> LoraConfig:
         target_modules=cfg.lora_target_modules, target_parameters=target_parameters)
 
 
+def _too_short(cfg: Config, longest: int) -> ValueError:
+    return ValueError(f"train.max_length={cfg.max_length} < longest harmony row {longest:,} tokens; raise "
+                      f"train.max_length, or set harmony.max_length<={cfg.max_length} with harmony.overflow=drop|truncate")
+
+
+def check_inputs(cfg: Config, *, inputs: Mapping[str, Path]) -> None:
+    """What the harmony step's manifest already tells: run by the contract as soon as harmony has finished, before
+    this step clears its out dir, imports torch or loads a model."""
+    longest = read_output(inputs["harmony"]).get("longest_row", 0)  # absent in manifests older than the field
+    if longest > cfg.max_length:
+        raise _too_short(cfg, longest)
+
+
 def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Tracker) -> Output:
+    import torch
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+    from datasets import load_from_disk
+    from peft.helpers import disable_input_dtype_casting
+    from transformers import AutoTokenizer
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from steps.modeling import cpu_lm_head, fast_experts, load_model, mask_packed_documents
+    from steps.progress import Progress, model_flops_per_token, peak_bf16_flops, peak_mem_gib
+
+    # PEFT 0.21.2 and TRL 1.16 read model.is_gradient_checkpointing, which transformers 5.23 deprecates: a FutureWarning
+    # about the libraries' own calls that no profile key can change.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
     # --- Inputs: fail on bad input before loading a model ---
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("train.device=cuda but this machine has no CUDA device; set train.device=cpu "
@@ -451,8 +319,7 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
     dataset = dataset.select_columns(["input_ids", "assistant_masks"])
     longest = max(len(ids) for ids in dataset["input_ids"])
     if longest > cfg.max_length:
-        raise ValueError(f"train.max_length={cfg.max_length} < longest harmony row {longest:,} tokens; raise "
-                         f"train.max_length, or set harmony.max_length<={cfg.max_length} with harmony.overflow=drop|truncate")
+        raise _too_short(cfg, longest)
     num_loss_tokens = sum(sum(m) for m in dataset["assistant_masks"])
     log.info("train: %d rows, %d tokens (%d with loss), longest %d", len(dataset),
              sum(len(ids) for ids in dataset["input_ids"]), num_loss_tokens, longest)
@@ -474,7 +341,7 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
         packing_strategy="bfd",  # padding-free: each document keeps its own positions, no cross-document attention
         # Under FSDP, FSDP's own activation checkpointing (per wrapped layer) replaces the Trainer's, which would
         # all-gather each layer's weights a second time in the backward pass.
-        gradient_checkpointing=cfg.gradient_checkpointing and not cfg.fsdp,
+        activation_checkpointing=cfg.gradient_checkpointing and not cfg.fsdp,
         use_liger_kernel=cfg.use_liger_kernel,
         router_aux_loss_coef=cfg.router_aux_loss_coef,
         bf16=cfg.dtype == "bfloat16",
@@ -531,11 +398,16 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
             base_model, base_revision = "base", ""
 
         # --- Checkpoints: resume from the newest complete one, or start clean ---
-        resume_from = last_complete_checkpoint(checkpoints_dir) if cfg.resume else None
-        if cfg.resume:
-            log.info("train: %s", f"resuming from {resume_from}" if resume_from else "resume=true but no checkpoint yet; starting fresh")
+        # The contract says whether this run repeats an interrupted one with the same fingerprint; read inside this
+        # block so that every rank sees rank 0's record.
+        resume = cfg.resume is True or (cfg.resume == "auto" and is_retry(out_dir))
+        resume_from = last_complete_checkpoint(checkpoints_dir) if resume else None
+        if resume_from:
+            log.info("train: resuming from %s", resume_from)
         elif checkpoints_dir.exists():
-            log.info("train: resume=false, deleting the old checkpoints in %s", checkpoints_dir)
+            why = ("resume=false" if cfg.resume is False else "resume=true but no complete checkpoint" if resume
+                   else "they are from a run with other inputs (config, data or code changed)")
+            log.info("train: starting fresh, deleting the old checkpoints in %s: %s", checkpoints_dir, why)
             shutil.rmtree(checkpoints_dir)
 
     # --- Train ---
@@ -549,9 +421,12 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
     if cfg.device == "cuda" and peak_flops is None:
         log.info("train: no peak FLOP/s known for %s (steps.train.PEAK_BF16_FLOPS); MFU is not logged",
                  torch.cuda.get_device_name())
-    progress = _Progress(tracker, cfg.device, model_flops_per_token(net.config, cfg.method), peak_flops)
+    progress = Progress(tracker, cfg.device, model_flops_per_token(net.config, cfg.method), peak_flops)
     trainer = SFTTrainer(model=net, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config, callbacks=[progress])
+    # One console line per logging step, Progress's: the Trainer would add a tqdm bar and a printed metrics dict.
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
     if peft_config is not None:
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in trainer.model.parameters())
@@ -562,7 +437,7 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
         # Under bf16 autocast PEFT's cast of every LoRA layer's input to the adapters' fp32 is undone by autocast at
         # once: two full-size copies per LoRA layer each way (~15% of a gpt-oss LoRA step on an H100). Without it
         # autocast casts only the small adapter weights; the arithmetic is the same.
-        with _cpu_lm_head(cfg.device), disable_input_dtype_casting(trainer.model, active=cfg.dtype == "bfloat16"):
+        with cpu_lm_head(cfg.device), disable_input_dtype_casting(trainer.model, active=cfg.dtype == "bfloat16"):
             result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except torch.OutOfMemoryError as e:
         raise RuntimeError(

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from steps.train import _CpuLogProbs
+from steps.modeling import _CpuLogProbs
 
 pytestmark = pytest.mark.unit
 

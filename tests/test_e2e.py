@@ -1,10 +1,13 @@
 """`finetune run` on the embedded default, as a newcomer runs it: a real Prefect flow (ephemeral server), file-backed
-MLflow, every step for real, `transformers serve` answering in the requested reasoning languages. A first run that
-breaks in its last step leaves the finished steps' outputs in place, and the re-run resumes from there."""
+MLflow, every step for real, `transformers serve` answering in the requested reasoning languages. A run stopped by
+Ctrl-C during training exits 130 at once; the next run continues training from the last checkpoint and breaks in its
+last step, leaving the finished steps' outputs in place; the run after that resumes from there."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from mlflow import MlflowClient
@@ -21,14 +24,47 @@ def finetune_run(out, *overrides, env):
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=1800)
 
 
-def test_finetune_run_breaks_at_smoke_then_resumes(tmp_path):
+def ctrl_c_after_first_checkpoint(out, *, env, log):
+    """`finetune run` in its own process group, SIGINT to the group (what a terminal's Ctrl-C does) as soon as train
+    has written checkpoint-50; returns the exit code."""
+    with log.open("w") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--out", str(out)], cwd=REPO, env=env,
+                                stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        checkpoint = out / "train" / "checkpoints" / "checkpoint-50" / "trainer_state.json"
+        deadline = time.monotonic() + 1200
+        while not checkpoint.is_file():
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint-50 within 1200 s"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)
+        return proc.wait(timeout=60)  # generous: it takes ~2 s; before, it hung for minutes
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever of the group is left, on every path
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def test_finetune_run_interrupted_then_broken_at_smoke_then_resumes(tmp_path):
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_LOGGING_LEVEL": "INFO"}
     out = tmp_path / "run"
 
-    # A server that gets one second to start cannot be ready: the run fails in its last step.
+    log = tmp_path / "interrupted.log"
+    assert ctrl_c_after_first_checkpoint(out, env=env, log=log) == 130, log.read_text()[-3000:]
+    assert log.read_text().strip().splitlines()[-1].startswith("finetune: interrupted (Ctrl-C); the running step was stopped")
+    assert "Traceback" not in log.read_text()
+    assert not (out / "train" / "manifest.json").exists()
+
+    # A server that gets one second to start cannot be ready: the run fails in its last step, after training has
+    # continued from the checkpoint the interrupted run left.
     broken = finetune_run(out, "smoke.startup_timeout_s=1", env=env)
-    assert broken.returncode != 0, broken.stdout[-3000:]
-    assert "smoke" in broken.stderr, broken.stderr[-3000:]
+    assert broken.returncode == 2, broken.stdout[-3000:] + broken.stderr[-3000:]
+    errors = [line for line in broken.stderr.splitlines() if line.startswith("finetune: error:")]
+    assert len(errors) == 1 and errors[0].startswith("finetune: error: smoke test failed 1/1 checks: server_ready")
+    assert "Traceback" not in broken.stderr, broken.stderr[-3000:]
+    assert f"train: resuming from {out / 'train' / 'checkpoints' / 'checkpoint-50'}" in broken.stderr
     for step in STEPS[:-1]:
         assert (out / step / "manifest.json").is_file(), f"{step} finished but left no manifest"
     assert not (out / "smoke" / "manifest.json").exists()
@@ -52,17 +88,19 @@ def test_finetune_run_breaks_at_smoke_then_resumes(tmp_path):
         assert result["passed"], (lang, result, report)
 
     train = train_manifest["output"]
-    assert train["train_loss_last"] < 0.5 * train["train_loss_first"]
+    assert train["loss_curve"][0][0] == 51 and train["num_steps"] == train["loss_curve"][-1][0]
+    assert train["train_loss_last"] < 1.0  # a random model starts at ln(201,088 tokens) = 12.2
 
     # MLflow: one parent run per pipeline run, a nested run per step that ran, metrics and artifacts in place.
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("gpt-oss-finetune-tiny")
     runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    assert [p.info.status for p in parents] == ["FAILED", "FINISHED"]
+    assert [p.info.status for p in parents] == ["KILLED", "FAILED", "FINISHED"]
     children = {p.info.run_id: {r.data.tags["step"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == p.info.run_id}
                 for p in parents}
-    first, second = (children[p.info.run_id] for p in parents)
+    interrupted, first, second = (children[p.info.run_id] for p in parents)
+    assert set(interrupted) == {"fetch", "harmony", "train"} and interrupted["train"].info.status == "KILLED"
     assert set(first) == set(STEPS) and first["smoke"].info.status == "FAILED"
     assert "loss" in first["train"].data.metrics and first["train"].data.params["train.method"] == "full"
     assert second["smoke"].info.status == "FINISHED"

@@ -7,6 +7,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraModel
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from steps import merge
 from steps.contract import write_json_atomic
@@ -179,12 +180,12 @@ def test_mxfp4_export_has_the_release_layout_and_records_retention(lora_train_di
     assert config["quantization_config"] == RELEASE_QUANTIZATION_CONFIG and config["architectures"] == ["GptOssForCausalLM"]
 
     # The encoded experts are the merged float32 experts rounded to MXFP4: within one rounding step of each value.
-    merged = merge.AutoModelForCausalLM.from_pretrained(lora_train_dir / "base", dtype=torch.float32)
+    merged = AutoModelForCausalLM.from_pretrained(lora_train_dir / "base", dtype=torch.float32)
     assert not any(n.endswith("_blocks") for n in merged.state_dict())
     name = "model.layers.1.mlp.experts.down_proj"
     value = decode(exported[f"{name}_blocks"], exported[f"{name}_scales"])
     scale = torch.exp2(exported[f"{name}_scales"].float() - 127).repeat_interleave(32, -1)
-    peft_merged = merge.load_model(ModelConfig(name=str(model_dir)), vocab_size=len(tokenizer), dtype="float32",
+    peft_merged = load_model(ModelConfig(name=str(model_dir)), vocab_size=len(tokenizer), dtype="float32",
                                    attn_implementation="eager", device="cpu")
     assert torch.equal(peft_merged.state_dict()[name].transpose(1, 2), value)  # transformers decodes what we encoded
     assert value.abs().sum() > 0 and scale.max() > 0

@@ -120,3 +120,15 @@ def test_checkpoint_in_another_quantization_is_refused(tmp_path):
     with pytest.raises(ValueError, match="quantized with fp8; only MXFP4 .dequantized on load. or unquantized"):
         load_model(ModelConfig(name=str(tmp_path), tokenizer="o200k-offline"), vocab_size=512, dtype="bfloat16",
                    attn_implementation="eager", device="cpu")
+
+
+@pytest.mark.unit
+def test_the_written_out_gpt_oss_config_fields_are_the_installed_ones():
+    """steps.model checks model.random_shape against a list (no transformers import); it must be GptOssConfig's."""
+    import dataclasses
+
+    from transformers import GptOssConfig
+
+    from steps.model import GPT_OSS_CONFIG_FIELDS
+
+    assert GPT_OSS_CONFIG_FIELDS == {f.name for f in dataclasses.fields(GptOssConfig)}

@@ -56,18 +56,49 @@ def test_scientific_notation_override_is_a_float():
     assert prof["train"]["learning_rate"] == 1e-4 and prof["push"]["repo_id"] == "org/name"
 
 
-def test_loading_a_profile_does_not_import_torch():
+def test_validating_every_profile_imports_no_ml_library():
     """The CPU steps' image and every `finetune check` should not pay for (or need) torch to read a profile."""
     import subprocess
     import sys
 
-    code = ("import sys; from steps import profile as p; p.step_config(p.load_profile(p.DEFAULT_PROFILE), 'fetch'); "
-            "print('torch' in sys.modules)")
+    code = ("import sys; from steps import profile as p; [p.validate(p.load_profile(f)) for f in p.CONFIGS_DIR.glob('*.yaml')]; "
+            "print(sorted({'torch', 'transformers', 'trl', 'peft', 'datasets'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=profiles.CONFIGS_DIR.parent)
-    assert out.stdout.strip() == "False", out.stderr
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 def test_lora_under_fsdp_with_activation_checkpointing_is_refused():
     prof = profiles.load_profile(profiles.CONFIGS_DIR / "8xh100-fsdp2.yaml", ["train.method=lora"])
     with pytest.raises(ValueError, match="saves an empty adapter .*set train.gradient_checkpointing=false"):
         profiles.step_config(prof, "train")
+
+
+TINY = profiles.DEFAULT_PROFILE
+
+
+@pytest.mark.parametrize("files, message", [
+    ({"p.yaml": "train:\n  max_steps: [1, 2\n"},
+     r"profile .*p.yaml line 3 column 1 is not valid YAML: expected ',' or '\]'.*\(while parsing a flow sequence at line 2\)"),
+    ({"p.yaml": "base: p.yaml\n"}, r"profile .*p.yaml: base: p.yaml makes a cycle \(p.yaml -> p.yaml\)"),
+    ({"p.yaml": "base: q.yaml\n", "q.yaml": "base: p.yaml\n"},
+     r"base: p.yaml makes a cycle \(p.yaml -> q.yaml -> p.yaml\); remove base: from one of them"),
+    ({"p.yaml": "base: nope.yaml\n"}, r"profile .*p.yaml: base: nope.yaml does not exist \(looked for .*nope.yaml\)"),
+    ({"p.yaml": f"base: {TINY}\ntrain: 5\n"}, r"section train: must be a mapping of keys .*not int 5"),
+    ({"p.yaml": f"base: {TINY}\ntrain:\n  max_steps: 3\n  max_steps: 4\n"},
+     r"profile .*p.yaml line 4: key 'max_steps' appears twice in the same mapping; keep one"),
+], ids=["malformed", "self-base", "base-cycle", "missing-base", "section-not-mapping", "duplicate-key"])
+def test_a_broken_profile_file_is_named_with_the_fix(tmp_path, files, message):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError, match=message):
+        profiles.load_profile(tmp_path / "p.yaml")
+
+
+def test_a_folder_as_profile_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"--config .* is a folder; give a profile file, e.g. --config .*tiny-cpu.yaml"):
+        profiles.load_profile(tmp_path)
+
+
+def test_unknown_random_shape_key_is_caught_when_the_profile_is_read():
+    with pytest.raises(ValueError, match=r"model.random_shape.num_layers is not a GptOssConfig field"):
+        profiles.model_config(profiles.load_profile(TINY, ["model.random_shape.num_layers=3"]))

@@ -193,3 +193,16 @@ def test_card_says_which_format_is_uploaded(merge_dir, tmp_path):
     write_json_atomic(merge_dir / "manifest.json", manifest)
     card = push.model_card(repo_id="my-org/m", manifests=push.upstream_manifests(merge_dir))
     assert "Format: unquantized" in card and "41.83 GB on disk" in card and "MXFP4" not in card
+
+
+def test_real_push_without_network_names_the_host(merge_dir, tmp_path, monkeypatch, hub_online):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    cfg = push.Config(repo_id="my-org/reasoner", dry_run=False, endpoint=f"http://127.0.0.1:{port}")
+    with pytest.raises(ValueError, match=rf"push.dry_run=false, but 127.0.0.1:{port} cannot be reached \(ConnectError.*"
+                                         r"set push.dry_run=true"):
+        push.run(cfg, out_dir=tmp_path, inputs={"merge": merge_dir}, tracker=NullTracker())

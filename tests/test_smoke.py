@@ -7,8 +7,12 @@ Harmony completion (English reasoning, then <|return|>). Real parsing, streaming
 """
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -110,7 +114,8 @@ def test_failed_check_raises_after_report_and_stops_server(merge_dir, tmp_path):
     cfg = smoke.Config(backend="transformers", port=0, languages=["French"], max_tokens=48, check_language=True,
                        startup_timeout_s=180, request_timeout_s=120)
 
-    with pytest.raises(RuntimeError, match=r"failed 1/\d+ checks: chat\[French\]\.reasoning_language; see .*report\.md"):
+    with pytest.raises(ValueError, match=r"failed 1/\d+ checks: chat\[French\]\.reasoning_language "
+                                         r"\(chat\[French\]\.reasoning_language: detected 'en', expected 'fr'\); see .*report\.md"):
         smoke.run(cfg, out_dir=tmp_path, inputs={"merge": merge_dir}, tracker=NullTracker())
 
     report = json.loads((tmp_path / "report.json").read_text())
@@ -118,6 +123,70 @@ def test_failed_check_raises_after_report_and_stops_server(merge_dir, tmp_path):
     assert "**FAIL**" in (tmp_path / "report.md").read_text()
     assert (tmp_path / "server.log").stat().st_size > 0
     assert _server_gone(report) and _port_free(cfg.host, report["port"])
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(fields[1]) == pid:  # the field after the state is the parent pid
+            found.append(int(stat.parent.name))
+    return found
+
+
+_SMOKE_IN_SUBPROCESS = """
+import sys
+from pathlib import Path
+from steps import smoke
+from steps.tracking import NullTracker
+cfg = smoke.Config(backend="transformers", port=0, languages=["English"], max_tokens=8, check_language=False,
+                   startup_timeout_s=180, request_timeout_s=120)
+smoke.run(cfg, out_dir=Path(sys.argv[1]), inputs={"merge": Path(sys.argv[2])}, tracker=NullTracker())
+"""
+
+
+@pytest.mark.integration
+def test_server_dies_with_a_smoke_step_killed_by_sigkill(merge_dir, tmp_path):
+    """kill -9 of the step (no finally runs) takes `transformers serve` with it, though the server has its own session."""
+    proc = subprocess.Popen([sys.executable, "-c", _SMOKE_IN_SUBPROCESS, str(tmp_path), str(merge_dir)],
+                            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    servers = []
+    try:
+        deadline = time.monotonic() + 120
+        while not servers:
+            assert proc.poll() is None and time.monotonic() < deadline, "the smoke step never started its server"
+            servers = _children(proc.pid)
+            time.sleep(0.2)
+        assert os.getsid(servers[0]) == servers[0], "the server runs in its own session"
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 60
+        while Path(f"/proc/{servers[0]}").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not Path(f"/proc/{servers[0]}").exists(), f"server {servers[0]} outlived its step"
+    finally:
+        proc.kill()
+        for pid in servers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.mark.unit
+def test_a_merge_output_with_a_broken_config_is_one_line(merge_dir, tmp_path):
+    broken = tmp_path / "merge"
+    shutil.copytree(merge_dir, broken)
+    (broken / "model" / "config.json").write_text('{"model_type": "gpt_oss",')
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "step", "smoke", "--config", "configs/tiny-cpu.yaml",
+                        "--input", f"merge={broken}", "--out", str(tmp_path / "smoke")],
+                       capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(f"finetune: error: {broken / 'model' / 'config.json'} is not valid JSON")
+    assert "Traceback" not in r.stderr
 
 
 @pytest.mark.unit
@@ -174,7 +243,7 @@ def test_tool_call_check_fails_on_a_model_answering_in_prose(tmp_path_factory, t
     cfg = smoke.Config(backend="transformers", port=0, languages=["English"], max_tokens=32, require_reasoning=False,
                        check_language=False, startup_timeout_s=180, request_timeout_s=120, tools=TOOL_CHECK)
 
-    with pytest.raises(RuntimeError, match=r"failed 2/\d+ checks: tool_call\.called, tool_call\.finish_reason; see"):
+    with pytest.raises(ValueError, match=r"failed 2/\d+ checks: tool_call\.called, tool_call\.finish_reason"):
         smoke.run(cfg, out_dir=tmp_path, inputs={"merge": merge}, tracker=NullTracker())
 
     report = json.loads((tmp_path / "report.json").read_text())

@@ -12,9 +12,11 @@ import torch
 from datasets import Dataset, Features, List, Value
 from safetensors.torch import load_file
 
-from steps import train
+from steps import progress, train
+from steps import contract
 from steps.contract import write_json_atomic
 from steps.model import ModelConfig
+from steps import modeling
 from steps.modeling import load_model
 from steps.tokenizer import build_offline_tokenizer, offline_tokenizer_dir
 from steps.tracking import NullTracker
@@ -33,7 +35,9 @@ def write_harmony_dir(path: Path, rows: list[tuple[list[int], list[int]]]) -> Pa
     features = Features({"id": Value("string"), "input_ids": List(Value("int32")), "assistant_masks": List(Value("int8"))})
     Dataset.from_dict({"id": [str(i) for i in range(len(rows))], "input_ids": [r[0] for r in rows],
                        "assistant_masks": [r[1] for r in rows]}, features=features).save_to_disk(str(path / "data"))
-    write_json_atomic(path / "manifest.json", {"output": {"data_dir": "data", "tokenizer_dir": str(offline_tokenizer_dir())}})
+    write_json_atomic(path / "manifest.json", {"step": "harmony", "fingerprint": f"fixture-{len(rows)}-rows",
+                                               "output": {"data_dir": "data", "tokenizer_dir": str(offline_tokenizer_dir()),
+                                                          "longest_row": max((len(r[0]) for r in rows), default=0)}})
     return path
 
 
@@ -86,7 +90,7 @@ def lora_run(harmony_dir, tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("lora")
     tracker = RecordingTracker()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train, "load_model", capture)
+        mp.setattr(modeling, "load_model", capture)  # train.run imports it from steps.modeling when it runs
         output = train.run(train_config(), out_dir=out_dir, inputs={"harmony": harmony_dir}, tracker=tracker)
     return output, out_dir, captured["net"], tracker
 
@@ -198,45 +202,66 @@ def test_packing_matches_unpacked_loss(first_step_runs):
 _RUN_IN_SUBPROCESS = """
 import json, sys
 from pathlib import Path
-from steps import train
+from steps import contract, train
 from steps.model import ModelConfig
-from steps.tracking import NullTracker
 kwargs = json.loads(sys.argv[1])
 cfg = train.Config(model=ModelConfig(**kwargs.pop("model")), **kwargs)
-train.run(cfg, out_dir=Path(sys.argv[2]), inputs={"harmony": Path(sys.argv[3])}, tracker=NullTracker())
+contract.execute("train", cfg, out_dir=Path(sys.argv[2]), inputs={"harmony": Path(sys.argv[3])})
 """
 
 
-def test_resume_after_kill_reaches_the_same_steps_and_losses(lora_run, harmony_dir, tmp_path):
-    """Kill a run (SIGKILL) after its first checkpoint, resume it: it ends at the same step with the same losses as
-    the uninterrupted run (same data order)."""
+def test_rerun_after_kill_resumes_and_ends_where_an_uninterrupted_run_does(lora_run, harmony_dir, tmp_path, caplog):
+    """SIGKILL a run after its first checkpoint and run the same step again (the default, train.resume=auto): it
+    continues from the newest complete checkpoint, and its steps and losses are the uninterrupted run's."""
     reference, _, _, _ = lora_run
     out_dir = tmp_path / "train"
     kwargs = {"model": MODEL, **train_kwargs(save_steps=2)}
     proc = subprocess.Popen([sys.executable, "-c", _RUN_IN_SUBPROCESS, json.dumps(kwargs), str(out_dir), str(harmony_dir)],
                             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    first_checkpoint = out_dir / "checkpoints" / "checkpoint-2" / "trainer_state.json"
-    deadline = time.monotonic() + 240
-    while not first_checkpoint.is_file():
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        assert time.monotonic() < deadline, "no checkpoint within 240 s"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
-    assert not (out_dir / "model").exists(), "the run finished before it could be killed"
+    try:
+        first_checkpoint = out_dir / "checkpoints" / "checkpoint-2" / "trainer_state.json"
+        deadline = time.monotonic() + 240
+        while not first_checkpoint.is_file():
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+    assert not (out_dir / "manifest.json").exists(), "the run finished before it could be killed"
     resumed_from = train.last_complete_checkpoint(out_dir / "checkpoints")
     resumed_step = int(resumed_from.name.rpartition("-")[2])
     assert 2 <= resumed_step < 6
 
-    output = train.run(train.Config(model=ModelConfig(**MODEL), **train_kwargs(save_steps=2, resume=True)),
-                       out_dir=out_dir, inputs={"harmony": harmony_dir}, tracker=NullTracker())
-    assert output.num_steps == 6
-    assert [s for s, _ in output.loss_curve] == list(range(resumed_step + 1, 7))
+    cfg = train.Config(model=ModelConfig(**MODEL), **train_kwargs(save_steps=2))
+    with caplog.at_level("INFO", logger="finetune"):
+        manifest, skipped = contract.execute("train", cfg, out_dir=out_dir, inputs={"harmony": harmony_dir})
+    assert not skipped and f"train: resuming from {resumed_from}" in caplog.text
+    output = manifest["output"]
+    assert output["num_steps"] == 6
+    assert [s for s, _ in output["loss_curve"]] == list(range(resumed_step + 1, 7))
     expected = dict((s, loss) for s, loss in reference.loss_curve)
-    for step, loss in output.loss_curve:
-        assert loss == pytest.approx(expected[step], abs=2e-3), (step, output.loss_curve, reference.loss_curve)
+    for step, loss in output["loss_curve"]:
+        assert loss == pytest.approx(expected[step], abs=2e-3), (step, output["loss_curve"], reference.loss_curve)
+    assert output["train_loss_last"] == pytest.approx(reference.train_loss_last, abs=2e-3)
+
+
+def test_changed_inputs_after_a_kill_start_fresh(harmony_dir, tmp_path, caplog):
+    """A checkpoint left by an interrupted run with another config is not resumed from: the log says why."""
+    out_dir = tmp_path / "train"
+    interrupted = train.Config(model=ModelConfig(**MODEL), **train_kwargs(max_steps=2, save_steps=1))
+    contract._start_attempt("train", train, out_dir, contract.fingerprint("train", interrupted, {"harmony": harmony_dir}))
+    (out_dir / "checkpoints" / "checkpoint-1").mkdir(parents=True)
+    (out_dir / "checkpoints" / "checkpoint-1" / "trainer_state.json").write_text("{}")
+    (out_dir / "loss_curve.png").write_text("from the interrupted run")
+    cfg = train.Config(model=ModelConfig(**MODEL), **train_kwargs(max_steps=2, save_steps=1, learning_rate=5e-3))
+    with caplog.at_level("INFO", logger="finetune"):
+        manifest, _ = contract.execute("train", cfg, out_dir=out_dir, inputs={"harmony": harmony_dir})
+    assert "the interrupted run in" in caplog.text and "had other inputs" in caplog.text
+    assert "starting fresh, deleting the old checkpoints" in caplog.text
+    assert [s for s, _ in manifest["output"]["loss_curve"]] == [1, 2]
 
 
 # --- Bad input: each message names the field and the fix ---
@@ -258,6 +283,13 @@ def test_max_length_below_longest_row(harmony_dir, tmp_path):
         train.run(train_config(max_length=8), out_dir=tmp_path, inputs={"harmony": harmony_dir}, tracker=NullTracker())
 
 
+def test_max_length_is_checked_against_harmony_before_train_starts(harmony_dir, tmp_path):
+    """Through the contract the harmony manifest's longest_row decides, before the out dir or a model exists."""
+    with pytest.raises(ValueError, match=r"train.max_length=8 < longest harmony row \d+ tokens"):
+        contract.execute("train", train_config(max_length=8), out_dir=tmp_path / "train", inputs={"harmony": harmony_dir})
+    assert not (tmp_path / "train").exists()
+
+
 def test_lora_target_that_matches_nothing_lists_what_exists(harmony_dir, tmp_path):
     with pytest.raises(ValueError, match=r"\['gate_proj'\] match no linear layer.*'q_proj'"):
         train.run(train_config(lora_target_modules=["q_proj", "gate_proj"]), out_dir=tmp_path,
@@ -276,6 +308,10 @@ def test_lora_target_that_matches_nothing_lists_what_exists(harmony_dir, tmp_pat
     ({"lora_expert_layers": "some"}, "use all or a list of layer indices"),
     ({"max_steps": 0}, "train.max_steps=0"),
     ({"lr_scheduler": "cosine_wit_min_lr"}, "train.lr_scheduler='cosine_wit_min_lr' is unknown"),
+    ({"learning_rate": -5}, "train.learning_rate=-5 must be positive"),
+    ({"lr_scheduler": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr_rat": 0.1}},
+     "train.lr_scheduler_kwargs.min_lr_rat is not an argument of the cosine_with_min_lr scheduler; it takes num_cycles, "
+     "min_lr, min_lr_rate"),
 ])
 def test_config_rejects_bad_values(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -303,9 +339,9 @@ def test_model_flops_per_token_counts_the_active_parameters():
     from steps.model import GPT_OSS_20B_SHAPE
 
     config = GptOssConfig(**GPT_OSS_20B_SHAPE, vocab_size=201088)
-    assert train.model_flops_per_token(config, "lora") / 4 == pytest.approx(3.6e9, rel=0.01)
-    assert train.model_flops_per_token(config, "full") == 1.5 * train.model_flops_per_token(config, "lora")
-    assert train.peak_bf16_flops("cpu") is None
+    assert progress.model_flops_per_token(config, "lora") / 4 == pytest.approx(3.6e9, rel=0.01)
+    assert progress.model_flops_per_token(config, "full") == 1.5 * progress.model_flops_per_token(config, "lora")
+    assert progress.peak_bf16_flops("cpu") is None
 
 
 def test_eta_follows_the_steady_steps_not_the_compile_step(monkeypatch):
@@ -314,13 +350,42 @@ def test_eta_follows_the_steady_steps_not_the_compile_step(monkeypatch):
     from transformers import TrainerState, TrainingArguments
 
     clock = iter([0.0, 140.0, 141.0, 142.0])
-    monkeypatch.setattr(train.time, "perf_counter", lambda: next(clock))
-    progress = train._Progress(NullTracker(), "cpu", flops_per_token=1.0, peak_flops=None)
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    callback = progress.Progress(NullTracker(), "cpu", flops_per_token=1.0, peak_flops=None)
     state = TrainerState(max_steps=8, global_step=0)
-    progress.on_train_begin(TrainingArguments(output_dir="unused", report_to=[]), state, None)
+    callback.on_train_begin(TrainingArguments(output_dir="unused", report_to=[]), state, None)
     for step in (1, 2, 3):
         state.global_step = step
-        progress.on_step_end(None, state, None)
-    assert progress.eta_s(state, 142.0) == pytest.approx(5 * 1.0)
+        callback.on_step_end(None, state, None)
+    assert callback.eta_s(state, 142.0) == pytest.approx(5 * 1.0)
     state.global_step = 1
-    assert progress.eta_s(state, 140.0) == pytest.approx(7 * 140.0)  # one step seen: its pace is all there is
+    assert callback.eta_s(state, 140.0) == pytest.approx(7 * 140.0)  # one step seen: its pace is all there is
+
+
+def test_the_written_out_schedulers_are_the_installed_transformers_ones():
+    """train.Config checks lr_scheduler and its kwargs against a table (no torch import); it must match transformers."""
+    import inspect
+
+    from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION
+    from transformers.trainer_utils import SchedulerType
+
+    assert list(train.SCHEDULER_KWARGS) == [s.value for s in SchedulerType]
+    fixed = {"optimizer", "num_warmup_steps", "num_training_steps", "last_epoch"}
+    for name, accepted in train.SCHEDULER_KWARGS.items():
+        params = inspect.signature(TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(name)]).parameters
+        if accepted is None:
+            assert any(p.kind is p.VAR_KEYWORD for p in params.values()), name
+        else:
+            assert set(accepted) == set(params) - fixed, name
+
+
+def test_a_checkpoint_cut_off_mid_save_is_never_resumed_from(tmp_path):
+    """trainer_state.json is the Trainer's last write: a checkpoint without it, or with it half-written, is skipped
+    (and removed when a complete one precedes it)."""
+    for step, state in ((2, "{}"), (4, '{"global_step": 4, "log_hi'), (6, None)):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "model.safetensors").write_bytes(b"\0" * 16)
+        if state is not None:
+            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+    assert train.last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
