@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import py3langid
 
 from steps.contract import read_output, write_json_atomic
 from steps.tracking import Tracker
@@ -241,6 +240,8 @@ def _chat(client: httpx.Client, cfg: Config, model_name: str, language: str) -> 
     if cfg.require_reasoning:
         checks.append(_check(f"chat[{language}].reasoning_nonempty", bool(reasoning.strip()), f"{len(reasoning)} chars"))
     if cfg.check_language:
+        import py3langid  # the serve image's alone: every image imports this module to read a profile
+
         detected = py3langid.classify(reasoning)[0] if reasoning.strip() else None
         row["detected_language"] = detected
         expected = LANGUAGE_CODES[language]

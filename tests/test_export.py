@@ -10,7 +10,7 @@ from steps import contract
 from steps import profile as profiles
 
 pytestmark = pytest.mark.integration
-OVERRIDES = ["data.eval_fraction=0.25", "train.max_steps=24", "merge.export=mxfp4", "merge.min_retention=-100",
+OVERRIDES = ["data.eval_fraction=0.1", "train.num_epochs=4", "merge.export=mxfp4", "merge.min_retention=-100",
              "smoke.require_reasoning=false", "smoke.languages=[English]", "smoke.max_tokens=64"]
 
 
