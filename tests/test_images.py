@@ -55,6 +55,7 @@ def container_run(step_images, tmp_path_factory):
 def host_run(tmp_path_factory):
     """The same profile's fetch, harmony and train run by the same CLI outside any container."""
     out_root = tmp_path_factory.mktemp("host-run")
+    out_root.chmod(0o755)  # pytest makes it private to its owner; the containers (another uid) read it in a test below
     for step in ("fetch", "harmony", "train"):
         done = host_step(step, out_root)
         assert done.returncode == 0, (step, done.stderr[-4000:])
