@@ -172,20 +172,21 @@ def execute(name: str, cfg, *, out_dir: Path, inputs: Mapping[str, Path] | None 
     if hasattr(module, "check_inputs"):  # what the upstream manifests already tell, before the out dir is touched
         module.check_inputs(cfg, inputs=inputs)
     out_dir = Path(out_dir)
-    check_out_dir(out_dir)
     fp = fingerprint(name, cfg, inputs)
     manifest_path = out_dir / MANIFEST
     # Under torchrun every rank executes the step (training is collective) and rank 0 alone records it.
     is_main = is_main_process()
     try:
         old = json.loads(manifest_path.read_text())
-    except FileNotFoundError:  # never run, or rank 0 has just removed a stale manifest
+    except (FileNotFoundError, NotADirectoryError):  # never run, rank 0 just cleared it, or --out is a file
         old = None
+    if old is not None and old.get("fingerprint") == fp:
+        # Before the write check: a finished step is skipped where its reader may not write (another uid, read-only).
+        log.info("step %s: skipped, %s already holds a finished run with the same inputs (fingerprint %s)",
+                 name, out_dir, fp[:12])
+        return old, True
+    check_out_dir(out_dir)
     if old is not None:
-        if old.get("fingerprint") == fp:
-            log.info("step %s: skipped, %s already holds a finished run with the same inputs (fingerprint %s)",
-                     name, out_dir, fp[:12])
-            return old, True
         log.info("step %s: inputs changed since the last run in %s; running again", name, out_dir)
     if is_main:
         _start_attempt(name, module, out_dir, fp)
