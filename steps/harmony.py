@@ -374,8 +374,6 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
     histogram = out_dir / "token_lengths.png"
     _histogram(lengths, cfg.max_length, histogram)
     tracker.log_artifact(histogram)
-    tracker.log_metrics({"harmony.num_rows": len(rendered["train"]["id"]), "harmony.num_dropped_overflow": counts["dropped_overflow"],
-                         "harmony.num_truncated": counts["truncated"], **{f"harmony.tokens_{k}": v for k, v in stats["all"].items()}})
     log.info("harmony: %d train rows, %d dropped and %d truncated over max_length=%d; tokens per row %s",
              len(rendered["train"]["id"]), counts["dropped_overflow"], counts["truncated"], cfg.max_length, stats["all"])
     return Output(data_dir=data_dir.name, eval_data_dir=eval_dir, tokenizer_dir=tokenizer_dir.name,
