@@ -74,7 +74,8 @@ def register_and_gate(server: Server, tracking: dict, profile: dict, out_dir: Pa
     smoke_failed = metrics.get("smoke/num_failed")
     checks = [{"metric": "smoke/num_failed", "direction": "lower", "tolerance": 0.0, "candidate": smoke_failed,
                "champion": None, "passed": smoke_failed == 0,
-               "reason": f"smoke test {'passed' if smoke_failed == 0 else 'did not pass'} ({smoke_failed} checks failed)"}]
+               "reason": f"smoke test {'passed' if smoke_failed == 0 else 'did not pass'} ({smoke_failed:g} checks failed)"
+               if smoke_failed is not None else "smoke test did not run"}]
     if champion:
         checks += [_check(m, metrics.get(m["name"]), champion_metrics.get(m["name"])) for m in promote.metrics]
     promoted = all(c["passed"] for c in checks)

@@ -230,7 +230,13 @@ def start_parent_run(uri: str, experiment: str, *, out_dir: Path, run_name: str,
     upload_buffered(uri, out_dir)
     server = Server(uri, out_dir / BUFFER_DIR / f"parent-{uuid.uuid4().hex[:12]}.jsonl")
     client = server.client
-    found = client.get_experiment_by_name(experiment)
+    try:
+        found = client.get_experiment_by_name(experiment)
+    except MlflowException as err:
+        if not _unreachable(err):
+            raise
+        raise ValueError(f"tracking.uri={uri} does not answer ({str(err).splitlines()[0][:160]}); start the MLflow "
+                         "server, or set tracking.uri= (a local store in the run's out dir)") from None
     experiment_id = found.experiment_id if found else client.create_experiment(experiment)
     stale = client.search_runs([experiment_id], filter_string=f"tags.out_dir = '{out_dir}' and attributes.status = 'RUNNING'")
     for run in stale:

@@ -274,14 +274,21 @@ def _histogram(lengths: list[int], max_length: int, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    ordered = sorted(lengths)
+    p50, p95 = ordered[len(ordered) // 2], ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+    over = sum(n > max_length for n in lengths)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.hist(lengths, bins=min(50, max(10, len(set(lengths)))), color="#4477aa")
-    ax.axvline(max_length, color="#cc3311", linestyle="--", label=f"max_length={max_length}")
-    ax.set_xlabel("tokens per row (Harmony-rendered)")
-    ax.set_ylabel("rows")
-    ax.legend()
+    ax.axvline(max_length, color="#cc3311", linestyle="--", label=f"max_length={max_length} ({over} rows over)")
+    ax.axvline(p50, color="#228833", linestyle=":", label=f"median {p50}")
+    ax.axvline(p95, color="#ccbb44", linestyle=":", label=f"p95 {p95}")
+    ax.set_title(f"Harmony token lengths: {len(lengths)} rows (train + eval), longest {ordered[-1]}", fontsize=12)
+    ax.set_xlabel("tokens per row (Harmony-rendered)", fontsize=11)
+    ax.set_ylabel("rows", fontsize=11)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 

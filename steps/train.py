@@ -532,8 +532,11 @@ def _plot_loss(loss_curve: list, eval_curve: list, path: Path, *, title: str) ->
     ax.plot([s for s, _ in loss_curve], [loss for _, loss in loss_curve], label="training loss (per logging step)",
             color="tab:blue", linewidth=1.5)
     if eval_curve:
-        ax.plot([s for s, _ in eval_curve], [loss for _, loss in eval_curve], "o--", color="tab:orange", markersize=7,
-                label=f"eval loss (held-out split): {eval_curve[0][1]:.3f} -> {eval_curve[-1][1]:.3f}")
+        ax.plot([s for s, _ in eval_curve], [loss for _, loss in eval_curve], "o", color="tab:orange", markersize=8,
+                linestyle=":" if len(eval_curve) > 2 else "none",
+                label=f"eval loss (held-out split): {eval_curve[0][1]:.3f} before, {eval_curve[-1][1]:.3f} after")
+        for step, loss in (eval_curve[0], eval_curve[-1]):
+            ax.annotate(f"{loss:.3f}", (step, loss), textcoords="offset points", xytext=(6, 6), color="tab:orange")
     ax.set_xlabel("optimizer step", fontsize=11)
     ax.set_ylabel("loss (cross-entropy, nats/token)", fontsize=11)
     ax.set_title(title, fontsize=12)

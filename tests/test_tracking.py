@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from flows.tracking import flatten
+from steps import profile as profiles
 from steps.contract import STEPS
 from steps.profile import CONFIGS_DIR
 from tests.test_push import FakeHubServer
@@ -102,31 +104,27 @@ def _finetune_run(out: Path, *overrides, server, hub, env):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, mlflow_server, hub):
     """Four pipeline runs against one server and one Hub double. 1: the tiny profile, the first version, promoted once
-    smoke passes. 2: made worse on purpose (train.max_steps=1, run 1's fetch and harmony reused, skipped): smoke
-    fails, the version stays a candidate. 3: run 1's fetch..merge reused, push and smoke again: as good, promoted.
-    4: everything reused, a gate that asks for a metric no step logs: refused without failing. Before run 2 a
-    RUNNING run of its out dir stands in for a killed process's."""
+    smoke passes. 2: made worse on purpose (train.max_steps=1; run 1's fetch and harmony reused, so skipped): smoke
+    fails, the version stays a candidate. 3: run 1's six step folders reused (every step skipped), as good as the
+    champion: promoted. 4: the same, with a gate asking for a metric no step logs: refused without failing. Before
+    run 2 a RUNNING run of its out dir stands in for a killed process's."""
     tmp = tmp_path_factory.mktemp("tiny-runs")
     env = _env(tmp)
     client = MlflowClient(mlflow_server.uri)
     found = {"tmp": tmp, "client": client}
     found["first"] = _finetune_run(tmp / "run1", server=mlflow_server, hub=hub, env=env)
     assert found["first"].returncode == 0, found["first"].stdout[-3000:] + found["first"].stderr[-5000:]
-    for name, steps in (("run2", STEPS[:2]), ("run3", STEPS[:4]), ("run4", STEPS)):
+    for name, steps in (("run2", STEPS[:2]), ("run3", STEPS), ("run4", STEPS)):
         for step in steps:
-            shutil.copytree(tmp / ("run3" if name == "run4" and step in ("push", "smoke") else "run1") / step,
-                            tmp / name / step, symlinks=True)
-        if name == "run2":
-            found["experiment_id"] = client.get_experiment_by_name(EXPERIMENT).experiment_id
-            found["stale_run_id"] = client.create_run(found["experiment_id"], run_name="killed",
-                                                      tags={"out_dir": str((tmp / name).resolve())}).info.run_id
-            found["worse"] = _finetune_run(tmp / name, "train.max_steps=1", server=mlflow_server, hub=hub, env=env)
-        elif name == "run3":
-            found["better"] = _finetune_run(tmp / name, server=mlflow_server, hub=hub, env=env)
-        else:
-            found["refused"] = _finetune_run(
-                tmp / name, "promote.metrics=[{name: smoke/language_adherence_rate, direction: higher, tolerance: 0}]",
-                server=mlflow_server, hub=hub, env=env)
+            shutil.copytree(tmp / "run1" / step, tmp / name / step, symlinks=True)
+    found["experiment_id"] = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    found["stale_run_id"] = client.create_run(found["experiment_id"], run_name="killed",
+                                              tags={"out_dir": str((tmp / "run2").resolve())}).info.run_id
+    found["worse"] = _finetune_run(tmp / "run2", "train.max_steps=1", server=mlflow_server, hub=hub, env=env)
+    found["better"] = _finetune_run(tmp / "run3", server=mlflow_server, hub=hub, env=env)
+    found["refused"] = _finetune_run(
+        tmp / "run4", "promote.metrics=[{name: smoke/language_adherence_rate, direction: higher, tolerance: 0}]",
+        server=mlflow_server, hub=hub, env=env)
     return found
 
 
@@ -147,7 +145,9 @@ def test_first_run_one_parent_six_nested_runs_params_metrics_plots_dataset(runs,
     # Params: the resolved profile, flattened (defaults filled in), the token's variable name but never its value.
     params = parent.data.params
     assert params["train.max_steps"] == "-1" and params["train.method"] == "full" and params["push.token_env"] == "HF_TOKEN"
-    assert params["promote.metrics"].startswith("[{'name': 'train/eval_loss_after'") and len(params) > 100
+    assert params["promote.metrics"].startswith("[{'name': 'train/eval_loss_after'")
+    resolved = flatten(profiles.resolved(profiles.load_profile(profiles.DEFAULT_PROFILE, ["smoke.languages=[English]"])))
+    assert set(params) == set(resolved) and len(params) > 80
     # One naming scheme: <step>/<name> (system/ for MLflow's system metrics).
     children = _children(client, runs["experiment_id"], parent.info.run_id)
     assert set(children) == set(STEPS) and all(r.info.status == "FINISHED" for r in children.values())
@@ -209,7 +209,8 @@ def test_registry_candidate_champion_worse_refused_better_promoted(runs, hub):
     assert better.returncode == 0, better.stdout[-3000:] + better.stderr[-3000:]
     decision = json.loads(Path(client.download_artifacts(parents[2].info.run_id, "promotion.json")).read_text())
     assert decision["decision"] == "promoted" and decision["champion_before"] == "1" and decision["champion_after"] == "3"
-    assert "finetune: promotion promoted: version 3 is the new champion (was version 1): " in better.stdout
+    assert ("finetune: promotion promoted: version 3 is the new champion (was version 1): train/eval_loss_after "
+            in better.stdout)
 
     # A gate that refuses ends the run in a state of its own: exit 3, MLflow FINISHED tagged refused, no traceback.
     refused = runs["refused"]
