@@ -4,7 +4,6 @@ times against it (a good run, one made worse on purpose, a better one) and pushe
 run as separate CLI processes nest under one parent; the server is down at start, and killed during train."""
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -97,7 +96,7 @@ def _env(tmp: Path) -> dict:
 def _finetune_run(out: Path, *overrides, server, hub, env):
     return subprocess.run([sys.executable, "-m", "flows.cli", "run", "--out", str(out), f"tracking.uri={server.uri}",
                            "push.dry_run=false", f"push.endpoint={hub.url}", f"push.repo_id=test-org/{MODEL}",
-                           "smoke.languages=[English]", "smoke.max_tokens=32", *overrides],
+                           "smoke.languages=[English]", "smoke.max_tokens=32", "train.save_steps=1000", *overrides],
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=1500)
 
 
@@ -115,8 +114,9 @@ def runs(tmp_path_factory, mlflow_server, hub):
     found["first"] = _finetune_run(tmp / "run1", server=mlflow_server, hub=hub, env=env)
     assert found["first"].returncode == 0, found["first"].stdout[-3000:] + found["first"].stderr[-5000:]
     for name, steps in (("run2", STEPS[:2]), ("run3", STEPS), ("run4", STEPS)):
-        for step in steps:
-            shutil.copytree(tmp / "run1" / step, tmp / name / step, symlinks=True)
+        (tmp / name).mkdir()
+        for step in steps:  # a finished step's folder, as a later run finds it (linked: the disk is shared)
+            (tmp / name / step).symlink_to(tmp / "run1" / step)
     found["experiment_id"] = client.get_experiment_by_name(EXPERIMENT).experiment_id
     found["stale_run_id"] = client.create_run(found["experiment_id"], run_name="killed",
                                               tags={"out_dir": str((tmp / "run2").resolve())}).info.run_id
@@ -146,7 +146,7 @@ def test_first_run_one_parent_six_nested_runs_params_metrics_plots_dataset(runs,
     params = parent.data.params
     assert params["train.max_steps"] == "-1" and params["train.method"] == "full" and params["push.token_env"] == "HF_TOKEN"
     assert params["promote.metrics"].startswith("[{'name': 'train/eval_loss_after'")
-    resolved = flatten(profiles.resolved(profiles.load_profile(profiles.DEFAULT_PROFILE, ["smoke.languages=[English]"])))
+    resolved = flatten(profiles.resolved(profiles.load_profile(profiles.DEFAULT_PROFILE, ["train.save_steps=1000"])))
     assert set(params) == set(resolved) and len(params) > 80
     # One naming scheme: <step>/<name> (system/ for MLflow's system metrics).
     children = _children(client, runs["experiment_id"], parent.info.run_id)
@@ -196,7 +196,8 @@ def test_registry_candidate_champion_worse_refused_better_promoted(runs, hub):
     # champion stays, and the decision names what failed: the smoke test and the eval loss against the champion's.
     worse = runs["worse"]
     assert worse.returncode == 2, worse.stdout[-3000:] + worse.stderr[-3000:]
-    assert worse.stderr.strip().splitlines()[-1].startswith("finetune: error: smoke test failed")
+    errors = [line for line in worse.stderr.splitlines() if line.startswith("finetune: error:")]
+    assert len(errors) == 1 and errors[0].startswith("finetune: error: smoke test failed"), worse.stderr[-3000:]
     decision = json.loads(Path(client.download_artifacts(parents[1].info.run_id, "promotion.json")).read_text())
     failed = {c["metric"]: c for c in decision["checks"] if not c["passed"]}
     assert set(failed) == {"smoke/num_failed", "train/eval_loss_after"}
@@ -277,7 +278,7 @@ def test_cli_steps_nest_under_one_parent_and_train_survives_the_server_dying(mlf
 
     def step(name, *inputs, **popen):
         cmd = [sys.executable, "-m", "flows.cli", "step", name, "--config", config, "--out", str(tmp_path / name),
-               "--parent-run-id", parent, "--tracking-uri", mlflow_server.uri, "train.max_steps=6",
+               "--parent-run-id", parent, "--tracking-uri", mlflow_server.uri, "train.max_steps=6", "train.save_steps=1000",
                *[f"--input={i}={tmp_path / i}" for i in inputs]]
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
