@@ -1,22 +1,26 @@
-"""The parent flow: fetch → harmony → train → merge → push → smoke, each step in-process behind the step contract.
+"""The parent flow: fetch → harmony → train → merge → push → smoke, each step in-process or as its own deployment.
 
-    finetune run [--config configs/tiny-cpu.yaml] [--out runs/latest] [section.key=value …]
+    finetune run [--config configs/tiny-cpu.yaml] [--out runs/latest] [section.key=value …]     (in-process)
+    prefect deployment run finetune/dev --watch                                                 (in-process, a worker)
+    prefect deployment run finetune/prod                          (each step its deployment step/<name>: prefect.yaml)
 """
 import json
 import os
+import re
 import time
 from pathlib import Path
+from typing import Literal
 
-from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect import flow, get_run_logger, runtime, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
 
 from steps import contract, profile as profiles
 from steps.tracking import NullTracker
 
 
-@task(cache_policy=NO_CACHE)
-def run_step(name: str, profile: dict, out: Path, tracking: dict) -> dict:
+def _execute(name: str, profile: dict, out: Path, tracking: dict) -> dict:
     """One step through the contract (skipped when its out dir already holds a matching manifest)."""
     cfg = profiles.step_config(profile, name)
     inputs = {up: out / up for up in contract.step_module(name).INPUTS}
@@ -31,13 +35,110 @@ def run_step(name: str, profile: dict, out: Path, tracking: dict) -> dict:
             "out_dir": str(out / name), "duration_s": manifest["duration_s"]}
 
 
-@flow(name="finetune", log_prints=True)
-def finetune(config: str = str(profiles.DEFAULT_PROFILE), out: str = "runs/latest", overrides: list[str] = ()) -> list[dict]:
-    logger = get_run_logger()
-    out_dir = Path(out).resolve()
+@task(cache_policy=NO_CACHE)
+def run_step(name: str, profile: dict, out: Path, tracking: dict) -> dict:
+    return _execute(name, profile, out, tracking)
+
+
+def _step_run_name() -> str:
+    params = runtime.flow_run.parameters
+    return f"{params['name']}-{_run_label(params['config'], params.get('overrides') or [])}"
+
+
+@flow(name="step", flow_run_name=_step_run_name, log_prints=True)
+def step(name: str, config: str, out: str, overrides: list[str] = (), tracking: dict | None = None) -> dict:
+    """One step, as the deployment step/<name> runs it (in its runtime's container, on its pool)."""
     profile = profiles.load_profile(config, list(overrides))
+    return _execute(name, profile, Path(out), tracking or {})
+
+
+def _child_error(state) -> type[Exception]:
+    """A child that failed on a ValueError (bad input: the same input fails again) is not retried; a crash or a lost
+    worker is. The class survives the process boundary only as the state message: "…exception: ValueError: …"."""
+    found = re.search(r"exception: (\w+):", state.message or "")
+    return ValueError if found and found.group(1) == "ValueError" else RuntimeError
+
+
+def _transient(task, task_run, state) -> bool:
+    return not isinstance(state.result(raise_on_failure=False), ValueError)
+
+
+@task(cache_policy=NO_CACHE, retry_condition_fn=_transient)
+def run_step_deployment(name: str, config: str, out: Path, overrides: list[str], tracking: dict,
+                        timeout_s: int | None) -> dict:
+    """Step `name` as the flow run of its deployment step/<name>; fails with the child's message and link unless
+    the child completed. `run_deployment` itself returns the child whatever its final state."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.states import Cancelling
+    from prefect.utilities.urls import url_for
+
+    manifest_path = out / name / contract.MANIFEST
+    before = manifest_path.read_text() if manifest_path.is_file() else None
+    child = run_deployment(f"step/{name}", timeout=timeout_s, poll_interval=2,
+                           parameters={"name": name, "config": config, "out": str(out), "overrides": list(overrides),
+                                       "tracking": tracking})
+    link = url_for("flow-run", obj_id=child.id)
+    if not child.state.is_final():
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(child.id, Cancelling(message=f"past orchestration.timeout_s.{name}"), force=True)
+        raise TimeoutError(f"step {name} ran past orchestration.timeout_s.{name}={timeout_s} s and was cancelled "
+                           f"(flow run {link}); raise it in the profile or pass orchestration.timeout_s.{name}=SECONDS")
+    if not child.state.is_completed():
+        raise _child_error(child.state)(f"step {name}: flow run {child.name} {child.state.name}: {child.state.message} "
+                                        f"({link})")
+    manifest = json.loads(manifest_path.read_text())
+    return {"step": name, "status": "skipped (already done)" if manifest_path.read_text() == before else "ran",
+            "out_dir": str(out / name), "duration_s": manifest["duration_s"], "flow_run": link}
+
+
+def _run_label(config: str, overrides: list[str]) -> str:
+    """profile@dataset-revision (the run names): what a run trained on, at a glance."""
+    data = profiles.load_profile(config, list(overrides)).get("data", {})
+    revision = data.get("revision") or Path(str(data.get("dataset", "data"))).name
+    return f"{Path(config).stem}@{revision}"
+
+
+def _run_name() -> str:
+    params = runtime.flow_run.parameters
+    overrides = list(params.get("overrides") or [])
+    if params.get("dataset_revision"):
+        overrides.append(f"data.revision={params['dataset_revision']}")
+    return _run_label(params.get("config", str(profiles.DEFAULT_PROFILE)), overrides)
+
+
+def _artifacts(results: list[dict], out_dir: Path, tracking: dict) -> None:
+    """The run's page in the Prefect UI: steps, the train loss curve, the smoke report, links to the model and run."""
+    create_table_artifact(key="finetune-steps", table=results, description="Each step: ran or skipped, seconds, output")
+    done = {r["step"] for r in results}
+    if "train" in done:
+        curve = contract.read_output(out_dir / "train")["loss_curve"]
+        create_table_artifact(key="train-loss", table=[{"step": s, "loss": loss} for s, loss in curve],
+                              description="Training loss per logging step")
+    if "smoke" in done:
+        report = Path(contract.read_output(out_dir / "smoke")["report_md_path"])
+        create_markdown_artifact(key="smoke-report", markdown=report.read_text(), description="Smoke test of the model")
+    if "push" in done:
+        push = contract.read_output(out_dir / "push")
+        create_link_artifact(key="hub-model", link=push["url"] or f"https://huggingface.co/{push['repo_id']}",
+                             link_text=push["repo_id"] + (" (dry run: nothing uploaded)" if push["dry_run"] else ""))
+    if tracking and tracking["uri"].startswith(("http://", "https://")):
+        create_link_artifact(key="mlflow-run", link=f"{tracking['uri'].rstrip('/')}/#/experiments/"
+                             f"{tracking['experiment_id']}/runs/{tracking['parent_run_id']}", link_text="MLflow run")
+
+
+@flow(name="finetune", flow_run_name=_run_name, log_prints=True)
+def finetune(config: str = str(profiles.DEFAULT_PROFILE), out: str = "runs/latest", overrides: list[str] = (),
+             dataset_revision: str = "", dispatch: Literal["in-process", "deployments"] = "in-process") -> list[dict]:
+    """dispatch=deployments runs each step as its deployment step/<name>, on its runtime's pool and image
+    (prefect.yaml); `out` must then be a folder every pool mounts at the same path (/runs)."""
+    logger = get_run_logger()
+    overrides = list(overrides) + ([f"data.revision={dataset_revision}"] if dataset_revision else [])
+    out_dir = Path(out).resolve()
+    profile = profiles.load_profile(config, overrides)
     profiles.validate(profile)  # every step's config is checked before the first step starts
     tracking_cfg = profiles.tracking_config(profile)
+    orchestration = profiles.orchestration_config(profile)
     tracking = {}
     if tracking_cfg.enabled:
         from flows.tracking import start_parent_run
@@ -47,19 +148,25 @@ def finetune(config: str = str(profiles.DEFAULT_PROFILE), out: str = "runs/lates
         client, parent_run_id = start_parent_run(uri, tracking_cfg.experiment, run_name=f"finetune-{time.strftime('%Y%m%d-%H%M%S')}",
                                                  tags={"profile": str(config), "out_dir": str(out_dir)})
         client.log_text(parent_run_id, json.dumps(profile, indent=2, default=str), "profile.json")
-        tracking = {"parent_run_id": parent_run_id, "uri": uri}
+        tracking = {"parent_run_id": parent_run_id, "uri": uri,
+                    "experiment_id": client.get_run(parent_run_id).info.experiment_id}
         logger.info("MLflow run %s at %s", parent_run_id, uri)
     results = []
     try:
         for name in contract.STEPS:
-            results.append(run_step.with_options(name=name)(name, profile, out_dir, tracking))
+            timeout_s = orchestration.timeout_s.get(name)
+            if dispatch == "in-process":
+                results.append(run_step.with_options(name=name, timeout_seconds=timeout_s)(name, profile, out_dir, tracking))
+            else:
+                dispatched = run_step_deployment.with_options(
+                    name=f"step/{name}", retries=orchestration.retries,
+                    retry_delay_seconds=exponential_backoff(backoff_factor=orchestration.retry_delay_s))
+                results.append(dispatched(name, config, out_dir, overrides, tracking, timeout_s))
     finally:
         if tracking:
             status = "FINISHED" if len(results) == len(contract.STEPS) else "FAILED"
             client.set_terminated(tracking["parent_run_id"], status)
-    rows = "\n".join(f"| {r['step']} | {r['status']} | {r['duration_s']} | `{r['out_dir']}` |" for r in results)
-    create_markdown_artifact(key="finetune-summary",
-                             markdown=f"# finetune\n\n| step | status | seconds | output |\n|---|---|---|---|\n{rows}\n")
+        _artifacts(results, out_dir, tracking)
     return results
 
 
