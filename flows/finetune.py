@@ -5,6 +5,7 @@
     prefect deployment run finetune/prod                          (each step its deployment step/<name>: prefect.yaml)
 """
 import json
+import logging
 import os
 import re
 import time
@@ -18,6 +19,10 @@ from prefect.tasks import exponential_backoff
 
 from steps import contract, profile as profiles
 from steps.tracking import NullTracker
+
+# The steps log through "finetune" at INFO. PREFECT_LOGGING_EXTRA_LOGGERS=finetune (every pool sets it) gives that
+# logger Prefect's API handler, so the lines land in the flow-run logs, but not a level: Prefect's root is WARNING.
+logging.getLogger("finetune").setLevel(logging.INFO)
 
 
 def _execute(name: str, profile: dict, out: Path, tracking: dict) -> dict:
@@ -136,7 +141,12 @@ def finetune(config: str = str(profiles.DEFAULT_PROFILE), out: str = "runs/lates
     overrides = list(overrides) + ([f"data.revision={dataset_revision}"] if dataset_revision else [])
     out_dir = Path(out).resolve()
     profile = profiles.load_profile(config, overrides)
-    profiles.validate(profile)  # every step's config is checked before the first step starts
+    if dispatch == "in-process":
+        profiles.validate(profile)  # every step's config is checked before the first step starts
+    else:
+        # No image holds every step's packages (a step's module imports them), so each step/<name> checks its own
+        # config in its container before it starts work (`finetune check` checks them all where every extra is).
+        profiles.tracking_config(profile)
     tracking_cfg = profiles.tracking_config(profile)
     orchestration = profiles.orchestration_config(profile)
     tracking = {}

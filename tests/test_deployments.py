@@ -10,7 +10,9 @@ import socket
 import subprocess
 import sys
 import time
+import threading
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -66,6 +68,19 @@ def _stop(proc: subprocess.Popen, sig=signal.SIGTERM) -> None:
         proc.wait()
 
 
+class Webhook(BaseHTTPRequestHandler):
+    """The failure automation's receiver: a custom-webhook notification block posts here."""
+    received: list[dict] = []
+
+    def do_POST(self):
+        Webhook.received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
 class Prefect:
     """The server, the workers and the CLI, all on one PREFECT_API_URL."""
 
@@ -80,7 +95,7 @@ class Prefect:
                     # the scheduler and the workers without their production pauses: tests wait on states, not time
                     "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5", "PREFECT_WORKER_QUERY_SECONDS": "2",
                     "FINETUNE_RUNS_DIR": str(self.runs), "FINETUNE_HF_CACHE": str(root / "hf-cache"),
-                    "FINETUNE_IMAGE_TAG": tag, "FINETUNE_NOTIFY_BLOCK": "slack-webhook/finetune-alerts",
+                    "FINETUNE_IMAGE_TAG": tag, "FINETUNE_NOTIFY_BLOCK": "custom-webhook/finetune-alerts",
                     "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         (root / "hf-cache" / "hub").mkdir(parents=True)
         self.procs: list[subprocess.Popen] = []
@@ -161,11 +176,14 @@ print(json.dumps([{{'id': str(r.id), 'name': r.name, 'state': r.state.type.value
 def prefect(step_images, tmp_path_factory):
     """A server with infra/prefect/setup.sh applied twice and `prefect --no-prompt deploy --all` done."""
     root = tmp_path_factory.mktemp("prefect")
+    webhook = ThreadingHTTPServer(("127.0.0.1", 0), Webhook)
+    threading.Thread(target=webhook.serve_forever, daemon=True).start()
     p = Prefect(root, step_images["tag"])
     try:
         started = time.time()
-        p.python("from prefect.blocks.notifications import SlackWebhook\n"
-                 "SlackWebhook(url='http://127.0.0.1:9/finetune-alerts').save('finetune-alerts')")
+        p.python("from prefect.blocks.notifications import CustomWebhookNotificationBlock as B\n"
+                 f"B(name='finetune-alerts', url='http://127.0.0.1:{webhook.server_port}/alerts',"
+                 " json_data={'subject': '{{subject}}', 'body': '{{body}}'}).save('finetune-alerts')")
         p.setup = [subprocess.run([str(REPO / "infra" / "prefect" / "setup.sh")], cwd=REPO, env={
             **p.env, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=300) for _ in range(2)]
         for done in p.setup:
@@ -178,6 +196,7 @@ def prefect(step_images, tmp_path_factory):
         yield p
     finally:
         p.stop()
+        webhook.shutdown()
         for log in sorted(root.glob("*.log")):
             print(f"--- {log.name} (tail)\n" + log.read_text(errors="replace")[-1500:])
 
@@ -200,7 +219,7 @@ pools = {p.name: {"type": p.type, "variables": p.base_job_template["variables"][
          for p in client.read_work_pools()}
 automations = [{"id": str(a.id), "actions": [x.model_dump(mode="json") for x in a.actions], "expect": sorted(a.trigger.expect)}
                for a in client.read_automations_by_name("finetune-prod-failed")]
-block = client.read_block_document_by_name("finetune-alerts", block_type_slug="slack-webhook")
+block = client.read_block_document_by_name("finetune-alerts", block_type_slug="custom-webhook")
 print(json.dumps({"deployments": out, "pools": pools, "automations": automations, "block_id": str(block.id)}))""")
     deployments, pools = got["deployments"], got["pools"]
     print(json.dumps(deployments, indent=1))
@@ -253,3 +272,131 @@ def test_the_scheduler_creates_prod_runs_at_the_cron_times(prefect):
     for run in runs:
         local = datetime.fromisoformat(run["expected_start_time"]).astimezone(ZoneInfo("Europe/Paris"))
         assert (local.hour, local.minute) == (2, 0), run
+
+
+def _artifact(prefect, run_id: str, key: str):
+    return prefect.query(f"""
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
+found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=['{key}'])),
+                              flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=['{run_id}'])))
+data = found[0].data if found else None
+print(json.dumps(json.loads(data) if isinstance(data, str) and data[:1] in '[{{' else data))""")
+
+
+def _logs(prefect, run_id: str) -> list[str]:
+    return prefect.query(f"""
+from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+print(json.dumps([l.message for l in client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=['{run_id}'])))]))""")
+
+
+def test_dev_resumes_after_its_worker_is_killed_after_train(prefect):
+    """finetune/dev on a process worker; the worker (and its flow run) SIGKILLed once train has finished; a new run
+    with `--watch` on a new worker completes the pipeline and skips fetch, harmony and train."""
+    out = prefect.root / "dev"
+    started = time.time()
+    worker = prefect.worker("process", "process-1")
+    killed_id = prefect.start_run("finetune/dev", out=str(out))
+    while not (out / "train" / "manifest.json").is_file():
+        assert worker.poll() is None and prefect.flow_run(killed_id)["state"] not in FINAL, prefect.flow_run(killed_id)
+        time.sleep(0.5)
+    merge_done_before_kill = (out / "merge" / "manifest.json").is_file()
+    _stop(worker, signal.SIGKILL)
+    print(f"killed the worker after train, {time.time() - started:.0f} s in; the run: {prefect.flow_run(killed_id)}")
+
+    prefect.worker("process", "process-2")
+    watch = prefect.cli("deployment", "run", "finetune/dev", "--params", json.dumps({"out": str(out)}), "--watch",
+                        timeout=1500)
+    print(f"prefect deployment run finetune/dev --watch ({time.time() - started:.0f} s since the first run):\n"
+          + watch.stdout[-4000:])
+    assert watch.returncode == 0, watch.stdout[-3000:] + watch.stderr[-3000:]
+    run = prefect.flow_run(next(line.split()[-1] for line in watch.stdout.splitlines() if "UUID:" in line))
+    assert run["state"] == "COMPLETED" and run["name"] == "tiny-cpu@bundled", run
+
+    steps = {row["step"]: row["status"] for row in _artifact(prefect, run["id"], "finetune-steps")}
+    print("resumed run's steps:", steps)
+    assert list(steps) == list(STEPS)
+    for step in ("fetch", "harmony", "train"):
+        assert steps[step].startswith("skipped"), steps
+    assert steps["smoke"] == "ran" and steps["merge"] == ("skipped (already done)" if merge_done_before_kill else "ran")
+    report = _artifact(prefect, run["id"], "smoke-report")
+    assert report == (out / "smoke" / "report.md").read_text()
+    assert len(_artifact(prefect, run["id"], "train-loss")) > 10
+    logs = _logs(prefect, run["id"])
+    assert any("step fetch: skipped" in line for line in logs) and any("step smoke: done" in line for line in logs), logs
+
+
+def test_prod_parent_and_steps_in_containers_a_failing_child_fails_the_parent(prefect):
+    """finetune/prod (tiny profile) through a docker worker on the cpu pool: the parent in a finetune-cpu container
+    starts step/fetch (another container; its manifest lands on the mounted output root) and step/harmony, which
+    fails on a ValueError: not retried, and the parent fails with the child's message and link."""
+    prefect.python(  # the test's containers carry the label the session fixture removes if any is left
+        "from prefect.client.orchestration import get_client\nfrom prefect.client.schemas.actions import WorkPoolUpdate\n"
+        "with get_client(sync_client=True) as c:\n    t = c.read_work_pool('cpu').base_job_template\n"
+        "    t['variables']['properties']['labels']['default'] = {'finetune-test': '1'}\n"
+        "    c.update_work_pool('cpu', WorkPoolUpdate(base_job_template=t))")
+    started = time.time()
+    prefect.worker("cpu", "cpu-1")
+    parent_id = prefect.start_run("finetune/prod", config="configs/tiny-cpu.yaml", out="/runs/prod-tiny",
+                                  dataset_revision="", overrides=["harmony.overflow=error", "harmony.max_length=64"])
+    parent = prefect.wait(parent_id)
+    print(f"finetune/prod (tiny, harmony made to fail): {parent['state']} after {time.time() - started:.0f} s: "
+          f"{parent['message']}")
+    fetch_runs, harmony_runs = prefect.runs_of("step/fetch"), prefect.runs_of("step/harmony")
+    print("children:", [(r["name"], r["state"]) for r in fetch_runs + harmony_runs])
+    assert [r["state"] for r in fetch_runs] == ["COMPLETED"] and fetch_runs[0]["name"] == "fetch-tiny-cpu@bundled"
+    manifest = json.loads((prefect.runs / "prod-tiny" / "fetch" / "manifest.json").read_text())
+    assert manifest["step"] == "fetch" and manifest["output"]["num_train"] > 0
+    assert any("step fetch: running into /runs/prod-tiny/fetch" in line for line in _logs(prefect, fetch_runs[0]["id"]))
+
+    assert [r["state"] for r in harmony_runs] == ["FAILED"], harmony_runs  # a ValueError: one run, no retry
+    child = harmony_runs[0]
+    assert "harmony.max_length" in child["message"] and "ValueError" in child["message"], child
+    assert parent["state"] == "FAILED" and parent["name"] == "tiny-cpu@bundled", parent
+    assert "raise harmony.max_length" in parent["message"] and f"/runs/flow-run/{child['id']}" in parent["message"]
+    assert prefect.runs_of("step/train") == []
+
+    # The failure automation (infra/prefect/automation-prod-failed.yaml) notified the configured block.
+    deadline = time.time() + 300
+    while not any(parent["name"] in m.get("subject", "") for m in Webhook.received):
+        assert time.time() < deadline, ("no notification of the failed prod run", Webhook.received)
+        time.sleep(1)
+    notification = next(m for m in Webhook.received if parent["name"] in m["subject"])
+    print("notification:", notification)
+    assert "Failed" in notification["subject"] and "raise harmony.max_length" in notification["body"]
+    left = subprocess.run(["docker", "ps", "-q", "--filter", "label=finetune-test"], capture_output=True, text=True)
+    assert left.stdout.split() == [], "a step container outlived its flow run"
+
+
+def test_prod_concurrency_never_runs_two_at_once(prefect):
+    """A deployment with prod's concurrency settings (read back from the server), two runs started back to back: the
+    second is cancelled (CANCEL_NEW) while the first runs; the first completes."""
+    gate = prefect.root / "gate"
+    deployment = prefect.query(f"""
+from prefect.client.schemas.objects import ConcurrencyOptions
+prod = client.read_deployment_by_name('finetune/prod')
+flow_id = client.create_flow_from_name('gate')
+d = client.create_deployment(flow_id=flow_id, name='prod-concurrency', work_pool_name='process',
+                             entrypoint='tests/gate_flow.py:gate', parameters={{'path': '{gate}'}},
+                             pull_steps=[{{'prefect.deployments.steps.set_working_directory': {{'directory': '{REPO}'}}}}],
+                             concurrency_limit=prod.global_concurrency_limit.limit,
+                             concurrency_options=ConcurrencyOptions(collision_strategy=prod.concurrency_options.collision_strategy))
+print(json.dumps(str(d)))""")
+    assert deployment
+    if not any(p.poll() is None and "process" in " ".join(p.args) for p in prefect.procs):
+        prefect.worker("process", "process-3")
+    first, second = (prefect.start_run("gate/prod-concurrency") for _ in range(2))
+    history = []
+    while True:
+        states = {run_id: prefect.flow_run(run_id)["state"] for run_id in (first, second)}
+        history.append(tuple(states.values()))
+        assert list(states.values()).count("RUNNING") < 2, history
+        if "CANCELLED" in states.values() and "RUNNING" in states.values():
+            break
+        assert not FINAL & set(states.values()) - {"CANCELLED"}, history
+        time.sleep(1)
+    gate.write_text("open")
+    running = next(run_id for run_id, state in states.items() if state == "RUNNING")
+    done = prefect.wait(running, limit_s=300)
+    print("overlap: states seen (first, second):", sorted(set(history), key=history.index), "then", done["state"])
+    assert done["state"] == "COMPLETED"
+    assert {prefect.flow_run(run_id)["state"] for run_id in (first, second)} == {"COMPLETED", "CANCELLED"}
