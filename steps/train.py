@@ -540,6 +540,7 @@ def _plot_loss(loss_curve: list, eval_curve: list, path: Path, *, title: str) ->
     ax.set_xlabel("optimizer step", fontsize=11)
     ax.set_ylabel("loss (cross-entropy, nats/token)", fontsize=11)
     ax.set_title(title, fontsize=12)
+    ax.margins(y=0.1)  # room for the eval loss labels
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=10)
     fig.tight_layout()
