@@ -205,11 +205,11 @@ def finetune(config: str = str(profiles.DEFAULT_PROFILE), out: str = "runs/lates
                     raise
                 smoke_failure = err  # the model was pushed: it is registered and the gate records why it stays out
         if tracking and profiles.promote_config(profile).enabled:
-            from flows.registry import _markdown, register_and_gate
+            from flows.registry import decision_markdown, register_and_gate
 
             server.flush()  # the gate reads this run's metrics back from the server
             decision = register_and_gate(server, tracking, profile, out_dir)
-            create_markdown_artifact(key="promotion", markdown=_markdown(decision), description=decision["summary"])
+            create_markdown_artifact(key="promotion", markdown=decision_markdown(decision), description=decision["summary"])
         if smoke_failure is not None:
             raise smoke_failure
         status = "FINISHED"

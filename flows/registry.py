@@ -30,7 +30,7 @@ def _check(metric: dict, candidate: float | None, champion: float | None) -> dic
     return {**row, "passed": passed, "reason": f"{name} {candidate:.4f} {sign} {bound}"}
 
 
-def _markdown(d: dict) -> str:
+def decision_markdown(d: dict) -> str:
     rows = "\n".join(f"| `{c['metric']}` | {c['direction']} | {c['candidate']} | {c['champion']} | {c['tolerance']:g} | "
                      f"{'pass' if c['passed'] else '**fail**'} |" for c in d["checks"])
     return (f"# Promotion: {d['decision']}\n\n{d['summary']}\n\n"
@@ -92,7 +92,7 @@ def register_and_gate(server: Server, tracking: dict, profile: dict, out_dir: Pa
                 "champion_after": version if promoted else (champion.version if champion else None),
                 "pipeline_run_id": parent, "checks": checks}
     client.log_text(parent, json.dumps(decision, indent=2), "promotion.json")
-    client.log_text(parent, _markdown(decision), "promotion.md")
+    client.log_text(parent, decision_markdown(decision), "promotion.md")
     client.set_tag(parent, "finetune.promotion", decision["decision"])
     client.set_tag(parent, "mlflow.note.content", f"Promotion {decision['decision']}: {summary}")
     client.set_model_version_tag(name, version, "promotion", decision["decision"])
