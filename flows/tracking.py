@@ -38,9 +38,8 @@ def _unreachable(err: MlflowException) -> bool:
 
 
 def secrets() -> list[str]:
-    """Values that must never reach the tracking server: the Hub token wherever the profile may point for it."""
-    names = {"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", os.environ.get("FINETUNE_TOKEN_ENV", "")}
-    return [os.environ[n] for n in names if n and len(os.environ.get(n, "")) >= 8]
+    """Values that must never reach the tracking server: any token in the environment (push.token_env names one)."""
+    return [v for k, v in os.environ.items() if "TOKEN" in k.upper() and len(v) >= 8]
 
 
 def _redact(value: str) -> str:
