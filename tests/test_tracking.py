@@ -90,7 +90,7 @@ def hub():
 def _env(tmp: Path) -> dict:
     # Only the Hub test double on loopback is "online"; the model, tokenizer and data are local.
     return {**os.environ, "PREFECT_HOME": str(tmp / "prefect"), "HF_TOKEN": TOKEN, "HF_HUB_OFFLINE": "0",
-            "FINETUNE_SYSTEM_METRICS_INTERVAL_S": "1"}
+            "FINETUNE_SYSTEM_METRICS_INTERVAL_S": "1", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
 
 
 def _finetune_run(out: Path, *overrides, server, hub, env):
@@ -318,3 +318,19 @@ def test_cli_steps_nest_under_one_parent_and_train_survives_the_server_dying(mlf
     assert [m.step for m in client.get_metric_history(train_run.info.run_id, "train/loss")] == list(range(1, 7))
     assert "MLflow server unreachable from" in train_run.data.tags["finetune.tracking_gap"]
     assert "train/eval_loss_after" in client.get_run(parent).data.metrics
+
+
+def test_a_step_deployments_flow_nests_under_the_parent_in_its_parameters(mlflow_server, tmp_path):
+    """What step/<name> runs on its pool (finetune/prod): the `step` flow, given the parent's `tracking` parameter."""
+    client = MlflowClient(mlflow_server.uri)
+    experiment_id = client.create_experiment(f"step-flow-{tmp_path.name}")
+    parent = client.create_run(experiment_id, run_name="prod", tags={"out_dir": str(tmp_path)}).info.run_id
+    tracking = {"uri": mlflow_server.uri, "parent_run_id": parent, "experiment_id": experiment_id, "out_dir": str(tmp_path)}
+    code = ("import json, sys; from flows.finetune import step; "
+            "step(name='fetch', config=sys.argv[1], out=sys.argv[2], tracking=json.loads(sys.argv[3]))")
+    result = subprocess.run([sys.executable, "-c", code, str(CONFIGS_DIR / "tiny-cpu.yaml"), str(tmp_path),
+                             json.dumps(tracking)], capture_output=True, text=True, cwd=REPO, env=_env(tmp_path), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [child] = client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    assert child.data.tags["step"] == "fetch" and child.info.status == "FINISHED"
+    assert child.data.metrics["fetch/num_train"] == client.get_run(parent).data.metrics["fetch/num_train"] > 0
