@@ -325,15 +325,20 @@ def test_dev_resumes_after_its_worker_is_killed_after_train(prefect):
     assert any("step fetch: skipped" in line for line in logs) and any("step smoke: done" in line for line in logs), logs
 
 
-def test_prod_parent_and_steps_in_containers_a_failing_child_fails_the_parent(prefect):
-    """finetune/prod (tiny profile) through a docker worker on the cpu pool: the parent in a finetune-cpu container
-    starts step/fetch (another container; its manifest lands on the mounted output root) and step/harmony, which
-    fails on a ValueError: not retried, and the parent fails with the child's message and link."""
-    prefect.python(  # the test's containers carry the label the session fixture removes if any is left
+def _label_cpu_containers(prefect) -> None:
+    """The cpu pool's containers carry the label the session fixture removes if any is left."""
+    prefect.python(
         "from prefect.client.orchestration import get_client\nfrom prefect.client.schemas.actions import WorkPoolUpdate\n"
         "with get_client(sync_client=True) as c:\n    t = c.read_work_pool('cpu').base_job_template\n"
         "    t['variables']['properties']['labels']['default'] = {'finetune-test': '1'}\n"
         "    c.update_work_pool('cpu', WorkPoolUpdate(base_job_template=t))")
+
+
+def test_prod_parent_and_steps_in_containers_a_failing_child_fails_the_parent(prefect):
+    """finetune/prod (tiny profile) through a docker worker on the cpu pool: the parent in a finetune-cpu container
+    starts step/fetch (another container; its manifest lands on the mounted output root) and step/harmony, which
+    fails on a ValueError: not retried, and the parent fails with the child's message and link."""
+    _label_cpu_containers(prefect)
     started = time.time()
     prefect.worker("cpu", "cpu-1")
     parent_id = prefect.start_run("finetune/prod", config="configs/tiny-cpu.yaml", out="/runs/prod-tiny",
@@ -403,16 +408,24 @@ print(json.dumps(str(d)))""")
 
 
 
-def _containers_of(flow_run_id: str) -> list[str]:
-    listed = subprocess.run(["docker", "ps", "-q", "--filter", "label=finetune-test", "--format", "{{.ID}} {{.Labels}}"],
+def _step_containers(step: str) -> dict[str, str]:
+    """The running containers of step/<step>'s flow runs (the test's label), as {container id: flow run id}."""
+    listed = subprocess.run(["docker", "ps", "--filter", "label=finetune-test", "--format", "{{.ID}} {{.Labels}}"],
                             capture_output=True, text=True, check=True).stdout.splitlines()
-    return [line.split()[0] for line in listed if flow_run_id in line]
+    found = {}
+    for line in listed:
+        container, _, labels = line.partition(" ")
+        labels = dict(item.partition("=")[::2] for item in labels.split(","))
+        if labels.get("io.prefect.flow-name") == "step" and labels.get("io.prefect.deployment-name") == step:
+            found[container] = labels["io.prefect.flow-run-id"]
+    return found
 
 
 def test_prod_retries_a_crashed_step_and_cancels_one_past_its_timeout(prefect):
     """finetune/prod (tiny): step/harmony's container is killed while it runs (the flow run Crashes: retried, after
     orchestration.retry_delay_s, and the retry completes); step/train then waits past orchestration.timeout_s.train=1
     (no gpu worker runs here): cancelled, not retried, and the parent fails naming the limit."""
+    _label_cpu_containers(prefect)
     if not any(p.poll() is None and "--pool cpu" in " ".join(p.args) for p in prefect.procs):
         prefect.worker("cpu", "cpu-2")
     before = {step: {r["id"] for r in prefect.runs_of(f"step/{step}")} for step in ("harmony", "train")}
@@ -422,11 +435,11 @@ def test_prod_retries_a_crashed_step_and_cancels_one_past_its_timeout(prefect):
                                                                   "orchestration.timeout_s.train=1"])
     new = lambda step: [r for r in prefect.runs_of(f"step/{step}") if r["id"] not in before[step]]  # noqa: E731
     deadline = time.time() + 600
-    while not (running := [r for r in new("harmony") if r["state"] == "RUNNING" and _containers_of(r["id"])]):
-        assert time.time() < deadline and prefect.flow_run(parent_id)["state"] not in FINAL, prefect.flow_run(parent_id)
-        time.sleep(0.5)
-    killed = running[0]
-    subprocess.run(["docker", "kill", *_containers_of(killed["id"])], check=True, capture_output=True)
+    while not (containers := _step_containers("harmony")):
+        assert time.time() < deadline, prefect.flow_run(parent_id)
+        time.sleep(0.2)
+    killed = {"id": next(iter(containers.values()))}
+    subprocess.run(["docker", "kill", *containers], check=True, capture_output=True)
     print(f"killed step/harmony's container {time.time() - started:.0f} s in")
     parent = prefect.wait(parent_id)
     harmony, train = new("harmony"), new("train")
