@@ -23,6 +23,7 @@ import os
 import sys
 import tempfile
 import time
+import unittest.mock
 import weakref
 from pathlib import Path
 
@@ -253,7 +254,7 @@ def run_config(name, spec, shape, rows, device, warmup_steps, timed_steps, seed,
 
     counts = []  # (non-pad tokens, loss tokens) per micro-batch, in the order the trainer consumes them
 
-    step_t, losses, grad_norms = [], {}, {}
+    step_t, step_unix, losses, grad_norms = [], [], {}, {}
 
     class Meter(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kw):
@@ -269,6 +270,7 @@ def run_config(name, spec, shape, rows, device, warmup_steps, timed_steps, seed,
         def on_step_end(self, args, state, control, **kw):
             sync(device)
             step_t.append(time.perf_counter())
+            step_unix.append(time.time())
             if state.global_step >= stop_at:
                 control.should_training_stop = True
 
@@ -327,7 +329,7 @@ def run_config(name, spec, shape, rows, device, warmup_steps, timed_steps, seed,
             "tokens_per_s": round(tok / secs, 1),
             "tokens_per_step": round(tok / n_timed, 1),
             "epoch_min_est": round(sum(len(r["input_ids"]) for r in rows) / (tok / secs) / 60, 2),
-            "loss_by_step": losses, "grad_norm_by_step": grad_norms,
+            "loss_by_step": losses, "grad_norm_by_step": grad_norms, "step_end_unix": step_unix,
         })
     else:
         result["error"] = error
@@ -361,14 +363,21 @@ def write_harmony_dir(rows, tokenizer_dir, out):
 
 
 def run_train_step(name, rows, device, warmup_steps, timed_steps, tokenizer_dir, profile, extra_overrides,
-                   profile_to=None):
+                   profile_to=None, stack_samples_to=None, stack_every_s=5.0):
     """(b): steps/train.py itself, via the step contract, with `profile` (the h100-lora one) on a random model.
 
     Timing: a tracker records the host clock (after cuda synchronize) and TRL's cumulative num_tokens at each logged
     optimizer step; tokens/s is over the steps after the warm-up, as for the other configurations.
     profile_to: a file; one more optimizer step runs after the timed ones under torch.profiler, whose table of
-    kernels by GPU time is written there (that step is not timed).
+    kernels by GPU time is written there (that step is not timed), and beside it the same by input shapes.
+    stack_samples_to: a file; every stack_every_s seconds until step 1 has logged, every thread's Python stack is
+    appended there (faulthandler): what the set-up and the first step spend their time in.
     """
+    stack_samples = None
+    if stack_samples_to:
+        import faulthandler
+        stack_samples = open(stack_samples_to, "w")
+        faulthandler.dump_traceback_later(stack_every_s, repeat=True, file=stack_samples)
     from steps import contract
     from steps.profile import load_profile, step_config
 
@@ -385,14 +394,22 @@ def run_train_step(name, rows, device, warmup_steps, timed_steps, tokenizer_dir,
                 sync(device)
                 self.at[step] = (time.perf_counter(), metrics.get("num_tokens"), metrics["loss"], metrics.get("grad_norm"),
                                  metrics.get("mfu"))
+                if step == 1 and stack_samples is not None:
+                    import faulthandler
+                    faulthandler.cancel_dump_traceback_later()
+                    stack_samples.close()
                 if profile_to and step == warmup_steps + timed_steps:
                     self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
-                                                                   torch.profiler.ProfilerActivity.CPU])
+                                                                   torch.profiler.ProfilerActivity.CPU],
+                                                       record_shapes=True)
                     self.prof.start()
                 elif self.prof is not None:
                     self.prof.stop()
                     table = self.prof.key_averages().table(sort_by="cuda_time_total", row_limit=60, max_name_column_width=90)
                     Path(profile_to).write_text(table)
+                    by_shape = self.prof.key_averages(group_by_input_shape=True).table(
+                        sort_by="self_cuda_time_total", row_limit=50, max_name_column_width=60, max_shapes_column_width=110)
+                    Path(profile_to).with_suffix(".shapes.txt").write_text(by_shape)
                     self.prof = None
 
         def log_artifact(self, path):
@@ -489,6 +506,10 @@ def main():
     ap.add_argument("--step-variant", action="append", default=[], metavar="NAME=K=V;K=V",
                     help="a configuration NAME (usable in --configs) = `step` with these extra overrides")
     ap.add_argument("--profile", default="", help="comma-separated configurations to profile one extra step of")
+    ap.add_argument("--baseline-experts", default="", help="comma-separated step configurations to run with the "
+                    "expert path of main at 53b72cc (bench/experts_53b72cc.py) instead of steps/modeling.py's")
+    ap.add_argument("--stack-samples-s", type=float, default=0, help="for the first step configuration: every thread's "
+                    "stack every this many seconds until step 1 logs, to DIR/stacks-NAME.txt (0: off)")
     a = ap.parse_args()
     variants = {}
     for v in a.step_variant:
@@ -555,6 +576,7 @@ def main():
         if device == "cuda":
             torch.cuda.empty_cache()
 
+    stacks_done = False
     for name in a.configs.split(","):
         if not name:
             continue
@@ -569,8 +591,20 @@ def main():
                 from steps.tokenizer import offline_tokenizer_dir
                 a.tokenizer_dir = str(offline_tokenizer_dir())
             profile_to = out / f"profile-{name}.txt" if name in a.profile.split(",") else None
-            res = run_train_step(name, rows, device, a.warmup_steps, a.timed_steps, a.tokenizer_dir, a.step_profile,
-                                 a.step_override + variants.get(name, []), profile_to)
+            stacks_to = None
+            if a.stack_samples_s and not stacks_done:
+                stacks_to, stacks_done = out / f"stacks-{name}.txt", True
+            with contextlib.ExitStack() as patches:
+                if name in a.baseline_experts.split(","):
+                    import steps.modeling
+                    sys.path.insert(0, str(Path(__file__).resolve().parent))
+                    import experts_53b72cc
+                    patches.enter_context(unittest.mock.patch.object(steps.modeling, "_experts_forward",
+                                                                     experts_53b72cc._experts_forward))
+                    log(f"{name}: expert path of main at 53b72cc (bench/experts_53b72cc.py)")
+                res = run_train_step(name, rows, device, a.warmup_steps, a.timed_steps, a.tokenizer_dir, a.step_profile,
+                                     a.step_override + variants.get(name, []), profile_to, stacks_to, a.stack_samples_s)
+            res["expert_path"] = "main 53b72cc" if name in a.baseline_experts.split(",") else "this checkout"
         else:
             log(f"=== {name} {CONFIGS[name]}")
             res = run_config(name, CONFIGS[name], shape, rows, device, a.warmup_steps, a.timed_steps, 42, tokenizer)
