@@ -24,7 +24,7 @@ def log(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def write_checkpoint(path: Path, tokenizer_vocab: int) -> dict:
+def write_checkpoint(path: Path, tokenizer_vocab: int, device: str, preset: str) -> dict:
     import torch
     from safetensors.torch import save_file
 
@@ -33,24 +33,25 @@ def write_checkpoint(path: Path, tokenizer_vocab: int) -> dict:
     from steps.mxfp4 import RELEASE_QUANTIZATION_CONFIG
 
     t0 = time.perf_counter()
-    net = load_model(ModelConfig(name="random", tokenizer="o200k-offline", seed=0, random_shape={"preset": "gpt-oss-20b"}),
-                     vocab_size=tokenizer_vocab, dtype="bfloat16", attn_implementation="eager", device="cuda")
+    net = load_model(ModelConfig(name="random", tokenizer="o200k-offline", seed=0, random_shape={"preset": preset}),
+                     vocab_size=tokenizer_vocab, dtype="bfloat16", attn_implementation="eager", device=device)
     path.mkdir(parents=True, exist_ok=True)
     net.config.save_pretrained(path)
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)
     tensors = {}
     for name, t in net.state_dict().items():
         if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
             num_experts, cols, rows = t.shape  # transformers keeps (experts, in, out); the Hub (out, in / 32, 16)
             tensors[f"{name}_blocks"] = torch.randint(0, 256, (num_experts, rows, cols // 32, 16), dtype=torch.uint8,
-                                                      device="cuda", generator=gen).cpu()
+                                                      device=device, generator=gen).cpu()
             # scales 2**-7 .. 2**-4: with codes up to 6, |w| <= 0.375, a trained model's range
             tensors[f"{name}_scales"] = torch.randint(120, 124, (num_experts, rows, cols // 32), dtype=torch.uint8,
-                                                      device="cuda", generator=gen).cpu()
+                                                      device=device, generator=gen).cpu()
         else:
             tensors[name] = t.cpu()
     del net
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     built_s = time.perf_counter() - t0
     # Three shards, as the release ships (~4.8 GB each).
     names = sorted(tensors)
@@ -78,7 +79,7 @@ def write_checkpoint(path: Path, tokenizer_vocab: int) -> dict:
             "shards": len(shards), "built_on_gpu_s": round(built_s, 1), "written_s": round(time.perf_counter() - t1, 1)}
 
 
-def load_and_step(path: str, vocab: int) -> dict:
+def load_and_step(path: str, vocab: int, device: str) -> dict:
     """In a fresh process: the timed load and a first forward/backward."""
     t_start = time.perf_counter()
     import torch
@@ -106,27 +107,28 @@ def load_and_step(path: str, vocab: int) -> dict:
         return out
 
     mx.Mxfp4Dequantize.convert = timed_convert
-    torch.cuda.synchronize()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     t0 = time.perf_counter()
     net = load_model(ModelConfig(name=path, tokenizer="o200k-offline"), vocab_size=vocab, dtype="bfloat16",
-                     attn_implementation="eager", device="cuda")
-    torch.cuda.synchronize()
+                     attn_implementation="eager", device=device)
+    sync()
     load_s = time.perf_counter() - t0
     experts = net.model.layers[0].mlp.experts
     fast_experts(net)
-    ids = torch.randint(0, 199998, (1, 2048), device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
+    ids = torch.randint(0, min(vocab, 199998), (1, 2048 if device == "cuda" else 32), generator=torch.Generator().manual_seed(1))
+    ids = ids.to(device)
     t1 = time.perf_counter()
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         loss = net(input_ids=ids, labels=ids).loss
     loss.backward()
-    torch.cuda.synchronize()
+    sync()
     step_s = time.perf_counter() - t1
     devices = sorted({(d["blocks_device"], d["out_device"]) for d in dequant})
     return {"imports_s": round(imported_s, 1), "load_s": round(load_s, 1),
             "dequantized_tensors": len(dequant), "dequantize_s_total": round(sum(d["s"] for d in dequant), 2),
             "dequantize_devices_in_out": devices, "first_fwd_bwd_s": round(step_s, 2), "loss": loss.item(),
             "expert_dtype": str(experts.gate_up_proj.dtype), "expert_device": str(experts.gate_up_proj.device),
-            "expert_shape": list(experts.gate_up_proj.shape), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "expert_shape": list(experts.gate_up_proj.shape), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
             "process_s": round(time.perf_counter() - t_start, 1)}
 
 
@@ -135,25 +137,29 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--ckpt-dir", default="/tmp/gpt-oss-20b-random-mxfp4")
     ap.add_argument("--vocab", type=int, default=201088)
+    ap.add_argument("--tiny", action="store_true", help="the tiny preset on CPU, to shake out bugs")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        print("RESULT " + json.dumps(load_and_step(a.ckpt_dir, a.vocab)), flush=True)
+        print("RESULT " + json.dumps(load_and_step(a.ckpt_dir, a.vocab, "cpu" if a.tiny else "cuda")), flush=True)
         return
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = Path(a.ckpt_dir)
     log(f"writing {ckpt}")
-    summary = {"checkpoint": write_checkpoint(ckpt, a.vocab)}
+    summary = {"checkpoint": write_checkpoint(ckpt, a.vocab, "cpu" if a.tiny else "cuda", "tiny" if a.tiny else "gpt-oss-20b")}
     log(json.dumps(summary["checkpoint"]))
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        summary["page_cache"] = "dropped before the load (cold disk)"
-    except OSError as e:
-        summary["page_cache"] = f"not dropped ({e.strerror}): the load reads from memory"
+    if a.tiny:  # a shared development machine: leave its page cache alone
+        summary["page_cache"] = "not dropped (--tiny)"
+    else:  # the device machine is this run's alone
+        try:
+            Path("/proc/sys/vm/drop_caches").write_text("3\n")
+            summary["page_cache"] = "dropped before the load (cold disk)"
+        except OSError as e:
+            summary["page_cache"] = f"not dropped ({e.strerror}): the load reads from memory"
     t = time.time()
     r = subprocess.run([sys.executable, __file__, "--out", a.out, "--ckpt-dir", a.ckpt_dir, "--vocab", str(a.vocab),
-                        "--child"], capture_output=True, text=True, cwd=REPO)
+                        "--child", *(["--tiny"] if a.tiny else [])], capture_output=True, text=True, cwd=REPO)
     summary["process_wall_s"] = round(time.time() - t, 1)
     (out / "load_mxfp4-child.log").write_text(r.stdout + r.stderr)
     line = next((l for l in r.stdout.splitlines() if l.startswith("RESULT ")), None)
