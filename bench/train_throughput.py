@@ -363,21 +363,14 @@ def write_harmony_dir(rows, tokenizer_dir, out):
 
 
 def run_train_step(name, rows, device, warmup_steps, timed_steps, tokenizer_dir, profile, extra_overrides,
-                   profile_to=None, stack_samples_to=None, stack_every_s=5.0):
+                   profile_to=None):
     """(b): steps/train.py itself, via the step contract, with `profile` (the h100-lora one) on a random model.
 
     Timing: a tracker records the host clock (after cuda synchronize) and TRL's cumulative num_tokens at each logged
     optimizer step; tokens/s is over the steps after the warm-up, as for the other configurations.
     profile_to: a file; one more optimizer step runs after the timed ones under torch.profiler, whose table of
     kernels by GPU time is written there (that step is not timed), and beside it the same by input shapes.
-    stack_samples_to: a file; every stack_every_s seconds until step 1 has logged, every thread's Python stack is
-    appended there (faulthandler): what the set-up and the first step spend their time in.
     """
-    stack_samples = None
-    if stack_samples_to:
-        import faulthandler
-        stack_samples = open(stack_samples_to, "w")
-        faulthandler.dump_traceback_later(stack_every_s, repeat=True, file=stack_samples)
     from steps import contract
     from steps.profile import load_profile, step_config
 
@@ -394,10 +387,6 @@ def run_train_step(name, rows, device, warmup_steps, timed_steps, tokenizer_dir,
                 sync(device)
                 self.at[step] = (time.perf_counter(), metrics.get("num_tokens"), metrics["loss"], metrics.get("grad_norm"),
                                  metrics.get("mfu"))
-                if step == 1 and stack_samples is not None:
-                    import faulthandler
-                    faulthandler.cancel_dump_traceback_later()
-                    stack_samples.close()
                 if profile_to and step == warmup_steps + timed_steps:
                     self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
                                                                    torch.profiler.ProfilerActivity.CPU],
@@ -508,8 +497,6 @@ def main():
     ap.add_argument("--profile", default="", help="comma-separated configurations to profile one extra step of")
     ap.add_argument("--baseline-experts", default="", help="comma-separated step configurations to run with the "
                     "expert path of main at 53b72cc (bench/experts_53b72cc.py) instead of steps/modeling.py's")
-    ap.add_argument("--stack-samples-s", type=float, default=0, help="for the first step configuration: every thread's "
-                    "stack every this many seconds until step 1 logs, to DIR/stacks-NAME.txt (0: off)")
     a = ap.parse_args()
     variants = {}
     for v in a.step_variant:
@@ -576,7 +563,6 @@ def main():
         if device == "cuda":
             torch.cuda.empty_cache()
 
-    stacks_done = False
     for name in a.configs.split(","):
         if not name:
             continue
@@ -591,9 +577,6 @@ def main():
                 from steps.tokenizer import offline_tokenizer_dir
                 a.tokenizer_dir = str(offline_tokenizer_dir())
             profile_to = out / f"profile-{name}.txt" if name in a.profile.split(",") else None
-            stacks_to = None
-            if a.stack_samples_s and not stacks_done:
-                stacks_to, stacks_done = out / f"stacks-{name}.txt", True
             with contextlib.ExitStack() as patches:
                 if name in a.baseline_experts.split(","):
                     import steps.modeling
@@ -603,7 +586,7 @@ def main():
                                                                      experts_53b72cc._experts_forward))
                     log(f"{name}: expert path of main at 53b72cc (bench/experts_53b72cc.py)")
                 res = run_train_step(name, rows, device, a.warmup_steps, a.timed_steps, a.tokenizer_dir, a.step_profile,
-                                     a.step_override + variants.get(name, []), profile_to, stacks_to, a.stack_samples_s)
+                                     a.step_override + variants.get(name, []), profile_to)
             res["expert_path"] = "main 53b72cc" if name in a.baseline_experts.split(",") else "this checkout"
         else:
             log(f"=== {name} {CONFIGS[name]}")
