@@ -83,9 +83,8 @@ class Progress(TrainerCallback):
             log.info("train: optimizer and data loader set up in %.1f s", self.phases_s["train_setup"])
         self.compiles_before = compile_counts()
         if self.device == "cuda":
-            log.info("train: step %d/%d compiles the GPU kernels (flex attention, the expert and Liger kernels), from "
-                     "the compile cache where it holds them; the ETA starts after it", state.global_step + 1,
-                     state.max_steps)
+            log.info("train: step %d/%d compiles the GPU kernels (or loads them from the compile cache); the ETA "
+                     "starts after it", state.global_step + 1, state.max_steps)
 
     def on_step_end(self, args, state, control, **kwargs):
         self._sync()

@@ -202,7 +202,7 @@ class Output:
     peak_mem_gib: float
     train_runtime_s: float
     phases_s: dict
-    """Seconds per phase, in order: data (read the harmony rows), load (the model), lora, pack (TRL's data
+    """Seconds per phase, in order: imports, data (read the harmony rows), load (the model), lora, pack (TRL's data
     preparation), trainer (the rest of its set-up), train_setup (optimizer, data loader), first_step (compiles on
     GPU), steps (the other steps, checkpoints included), save."""
     compile_cache: dict
@@ -316,6 +316,15 @@ def check_inputs(cfg: Config, *, inputs: Mapping[str, Path]) -> None:
 
 
 def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Tracker) -> Output:
+    # Seconds per set-up phase, logged as each ends: the first minutes of a GPU run are mostly set-up and compiling.
+    phases_s, mark = {}, [time.perf_counter()]
+
+    def phase_done(name: str, what: str):
+        now = time.perf_counter()
+        phases_s[name] = round(now - mark[0], 1)
+        mark[0] = now
+        log.info("train: %s in %.1f s", what, phases_s[name])
+
     import torch
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType
@@ -331,6 +340,7 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
     # PEFT 0.21.2 and TRL 1.16 read model.is_gradient_checkpointing, which transformers 5.23 deprecates: a FutureWarning
     # about the libraries' own calls that no profile key can change.
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    phase_done("imports", "torch, transformers, TRL and PEFT imported")
 
     # --- Inputs: fail on bad input before loading a model ---
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -338,14 +348,6 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
                          "(tiny models only) or run on a GPU machine (in Docker: docker run --gpus all …)")
     # Under torchrun every rank runs this function: training is collective, files are rank 0's alone.
     is_main, local_rank = is_main_process(), int(os.environ.get("LOCAL_RANK", "0"))
-    # Seconds per set-up phase, logged as each ends: the first minutes of a GPU run are mostly set-up and compiling.
-    phases_s, mark = {}, [time.perf_counter()]
-
-    def phase_done(name: str, what: str):
-        now = time.perf_counter()
-        phases_s[name] = round(now - mark[0], 1)
-        mark[0] = now
-        log.info("train: %s in %.1f s", what, phases_s[name])
     if "WORLD_SIZE" in os.environ:
         # NVLink multicast (NCCL's NVLS, torch symmetric memory, NVSHMEM) stays off: on shared hosts a program using
         # it can put every GPU of the host out of service for a day or more. Set before the process group starts.
