@@ -274,14 +274,21 @@ def _histogram(lengths: list[int], max_length: int, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    ordered = sorted(lengths)
+    p50, p95 = ordered[len(ordered) // 2], ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+    over = sum(n > max_length for n in lengths)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.hist(lengths, bins=min(50, max(10, len(set(lengths)))), color="#4477aa")
-    ax.axvline(max_length, color="#cc3311", linestyle="--", label=f"max_length={max_length}")
-    ax.set_xlabel("tokens per row (Harmony-rendered)")
-    ax.set_ylabel("rows")
-    ax.legend()
+    ax.axvline(max_length, color="#cc3311", linestyle="--", label=f"max_length={max_length} ({over} rows over)")
+    ax.axvline(p50, color="#228833", linestyle=":", label=f"median {p50}")
+    ax.axvline(p95, color="#ccbb44", linestyle=":", label=f"p95 {p95}")
+    ax.set_title(f"Harmony token lengths: {len(lengths)} rows (train + eval), longest {ordered[-1]}", fontsize=12)
+    ax.set_xlabel("tokens per row (Harmony-rendered)", fontsize=11)
+    ax.set_ylabel("rows", fontsize=11)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
@@ -374,8 +381,6 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
     histogram = out_dir / "token_lengths.png"
     _histogram(lengths, cfg.max_length, histogram)
     tracker.log_artifact(histogram)
-    tracker.log_metrics({"harmony.num_rows": len(rendered["train"]["id"]), "harmony.num_dropped_overflow": counts["dropped_overflow"],
-                         "harmony.num_truncated": counts["truncated"], **{f"harmony.tokens_{k}": v for k, v in stats["all"].items()}})
     log.info("harmony: %d train rows, %d dropped and %d truncated over max_length=%d; tokens per row %s",
              len(rendered["train"]["id"]), counts["dropped_overflow"], counts["truncated"], cfg.max_length, stats["all"])
     return Output(data_dir=data_dir.name, eval_data_dir=eval_dir, tokenizer_dir=tokenizer_dir.name,

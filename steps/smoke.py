@@ -437,8 +437,8 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
     tracker.log_artifact(report_path)
     tracker.log_artifact(md_path)
     tracker.log_artifact(server_log)
-    tracker.log_metrics({"smoke_startup_s": startup_s or 0.0, "smoke_mean_latency_s": report["mean_latency_s"],
-                         "smoke_tokens_per_s": report["tokens_per_s"], "smoke_num_failed": len(failed)})
+    tracker.log_metrics({"startup_s": startup_s or 0.0, "mean_latency_s": report["mean_latency_s"],
+                         "tokens_per_s": report["tokens_per_s"], "num_failed": len(failed)})
     if failed:
         # A result, not a crash: one line naming the checks (and the first one's detail), the report has the rest.
         first = next(c for c in checks if not c["passed"])
