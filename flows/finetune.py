@@ -163,13 +163,12 @@ def finetune(config: str = str(profiles.DEFAULT_PROFILE), out: str = "runs/lates
     overrides = list(overrides) + ([f"data.revision={dataset_revision}"] if dataset_revision else [])
     out_dir = Path(out).resolve()
     profile = profiles.load_profile(config, overrides)
+    # In-process, every step's config is checked before the first step starts. With dispatch=deployments no image
+    # holds every step's packages (a step's module imports them), so each step/<name> checks its own config in its
+    # container before it starts work (`finetune check` checks them all where every extra is installed).
     if dispatch == "in-process":
-        profiles.validate(profile)  # every step's config is checked before the first step starts
+        profiles.validate(profile)
         check_environment(profile)
-    else:
-        # No image holds every step's packages (a step's module imports them), so each step/<name> checks its own
-        # config in its container before it starts work (`finetune check` checks them all where every extra is).
-        profiles.tracking_config(profile)
     tracking_cfg = profiles.tracking_config(profile)
     orchestration = profiles.orchestration_config(profile)
     tracking = {}

@@ -439,7 +439,8 @@ def _step_containers(step: str) -> dict[str, str]:
 
 
 def test_prod_retries_a_crashed_step_and_cancels_one_past_its_timeout(prefect):
-    """finetune/prod (tiny): step/harmony's container is killed while it runs (the flow run Crashes: retried, after
+    """finetune/prod (tiny): step/harmony's container is killed as soon as it runs (the worker reads exit code 137
+    even when the flow run had not started yet: the pools keep exited containers; the flow run Crashes: retried, after
     orchestration.retry_delay_s, and the retry completes); step/train then waits past orchestration.timeout_s.train=1
     (no gpu worker runs here): cancelled, not retried, and the parent fails naming the limit."""
     _label_cpu_containers(prefect)
@@ -449,7 +450,8 @@ def test_prod_retries_a_crashed_step_and_cancels_one_past_its_timeout(prefect):
     started = time.time()
     parent_id = prefect.start_run("finetune/prod", config="configs/tiny-cpu.yaml", out="/runs/prod-retry",
                                   dataset_revision="", overrides=["orchestration.retry_delay_s=1",
-                                                                  "orchestration.timeout_s.train=1"])
+                                                                  "orchestration.timeout_s.train=1",
+                                                                  "orchestration.timeout_s.harmony=300"])
     new = lambda step: [r for r in prefect.runs_of(f"step/{step}") if r["id"] not in before[step]]  # noqa: E731
     deadline = time.time() + 600
     while not (containers := _step_containers("harmony")):
