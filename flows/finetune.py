@@ -130,9 +130,9 @@ def run_train_job(config: str, out: Path, overrides: list[str], tracking: dict, 
         # Skipped here rather than by the step itself: no nodes are held only to find the step done.
         return {"step": "train", "status": "skipped (already done)", "out_dir": str(out / "train"),
                 "duration_s": json.loads(manifest_path.read_text())["duration_s"]}
-    command = trainjob.train_command(config=config, out_dir=out, overrides=overrides, tracking=tracking)
     job = trainjob.render(trainjob.load_template(), profile, name=f"finetune-train-{uuid.uuid4().hex[:8]}",
-                          image_tag=Variable.get("finetune_image_tag"), command=command)
+                          image_tag=Variable.get("finetune_image_tag"), config=config, out_dir=out,
+                          overrides=overrides, tracking=tracking)
     try:
         trainjob.run(job, namespace=job["metadata"]["namespace"], timeout_s=timeout_s)
     except TimeoutError as e:

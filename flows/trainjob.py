@@ -5,6 +5,7 @@ Kubeflow Trainer schedules the pods and its torch plugin gives each one PET_NNOD
 PET_MASTER_ADDR and PET_MASTER_PORT, which torchrun reads: every pod runs the same `finetune step train` under torchrun.
 """
 import copy
+import hashlib
 import logging
 import time
 from pathlib import Path
@@ -22,6 +23,8 @@ POD_SELECTOR = "jobset.sigs.k8s.io/jobset-name={name}"
 # Container states that never resolve by waiting: the TrainJob would hold its nodes until the timeout.
 STUCK_REASONS = ("ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName", "CreateContainerConfigError")
 USER_ERROR_EXIT_CODE = 2  # `finetune` exits 2 on bad input (flows/cli.py): the same input fails again
+# Which out dir a TrainJob trains into (a hash: label values are short): at most one TrainJob may write there.
+OUT_DIR_LABEL = "gpt-oss-finetune/out-dir"
 
 
 def load_template(path: Path = TEMPLATE) -> dict:
@@ -37,7 +40,8 @@ def train_command(*, config: str, out_dir: Path, overrides: list[str], tracking:
     return command + list(overrides)
 
 
-def render(template: dict, profile: dict, *, name: str, image_tag: str, command: list[str]) -> dict:
+def render(template: dict, profile: dict, *, name: str, image_tag: str, config: str, out_dir: Path,
+           overrides: list[str], tracking: dict) -> dict:
     """The TrainJob for the profile's train section: the template with this run's name, image tag, command, node
     count and processes (GPUs) per node. Pure: no cluster needed."""
     cfg = profiles.step_config(profile, "train")
@@ -46,10 +50,11 @@ def render(template: dict, profile: dict, *, name: str, image_tag: str, command:
                          "step/train deployment")
     job = copy.deepcopy(template)
     job["metadata"]["name"] = name
+    job["metadata"]["labels"][OUT_DIR_LABEL] = hashlib.sha256(str(out_dir / "train").encode()).hexdigest()[:16]
     trainer = job["spec"]["trainer"]
     repository = trainer["image"].rpartition(":")[0]
-    trainer.update(image=f"{repository}:{image_tag}", command=list(command), numNodes=cfg.nodes,
-                   numProcPerNode=cfg.gpus_per_node)
+    trainer.update(image=f"{repository}:{image_tag}", numNodes=cfg.nodes, numProcPerNode=cfg.gpus_per_node,
+                   command=train_command(config=config, out_dir=out_dir, overrides=overrides, tracking=tracking))
     limits = trainer["resourcesPerNode"]["limits"]
     if cfg.device == "cuda":
         limits["nvidia.com/gpu"] = str(cfg.gpus_per_node)
@@ -137,6 +142,14 @@ def run(trainjob: dict, *, namespace: str, timeout_s: int | None, poll_s: float 
         config.load_config()
         custom_api, core_api = client.CustomObjectsApi(), client.CoreV1Api()
     name = trainjob["metadata"]["name"]
+    # An earlier attempt at the same out dir (failed, or left running by a parent flow that died) goes first: two
+    # TrainJobs must never write one step folder. The new one resumes from whatever checkpoint the old one left.
+    same_out_dir = f"{OUT_DIR_LABEL}={trainjob['metadata']['labels'][OUT_DIR_LABEL]}"
+    for old in custom_api.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL,
+                                                        label_selector=same_out_dir)["items"]:
+        log.info("train: deleting TrainJob %s, an earlier attempt into the same out dir", old["metadata"]["name"])
+        custom_api.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, old["metadata"]["name"],
+                                                   propagation_policy="Foreground")
     custom_api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, trainjob)
     log.info("train: TrainJob %s/%s created (%d nodes x %d processes)", namespace, name,
              trainjob["spec"]["trainer"]["numNodes"], trainjob["spec"]["trainer"]["numProcPerNode"])
