@@ -2,6 +2,7 @@
 kubernetes-validate bundles, the TrainJob (template and the one rendered for train.nodes=2) against Kubeflow Trainer's
 API models (kubeflow-trainer-api), and the wait / failure-reason logic on the Kubernetes client's own model objects.
 No Kubernetes API server runs here: flows.trainjob.run is exercised against a test double of the two APIs it calls."""
+import hashlib
 import json
 import shutil
 import subprocess
@@ -120,10 +121,9 @@ def test_the_trainjob_rendered_for_two_nodes(capsys):
     config, out = "configs/8xh100-fsdp2.yaml", Path("/runs/prod")
     overrides = ["train.nodes=2", "data.revision=main"]
     profile = profiles.load_profile(REPO / config, overrides)
-    command = trainjob.train_command(config=config, out_dir=out, overrides=overrides,
-                                     tracking={"uri": "http://mlflow.finetune:5000", "parent_run_id": "6f1c0d2e9ab34"})
     job = trainjob.render(trainjob.load_template(), profile, name="finetune-train-3f9a1c2e", image_tag="0.1.0",
-                          command=command)
+                          config=config, out_dir=out, overrides=overrides,
+                          tracking={"uri": "http://mlflow.finetune:5000", "parent_run_id": "6f1c0d2e9ab34"})
     with capsys.disabled():
         print("\nThe TrainJob the prod flow creates for configs/8xh100-fsdp2.yaml with train.nodes=2:\n"
               + yaml.safe_dump(job, sort_keys=False, width=120))
@@ -140,17 +140,20 @@ def test_the_trainjob_rendered_for_two_nodes(capsys):
     assert not any(arg.startswith(("--nnodes", "--nproc", "--node-rank", "--master", "--rdzv", "--standalone"))
                    for arg in trainer["command"])
     assert job["metadata"]["name"] == "finetune-train-3f9a1c2e" and job["metadata"]["namespace"] == "finetune"
+    assert job["metadata"]["labels"][trainjob.OUT_DIR_LABEL] == hashlib.sha256(b"/runs/prod/train").hexdigest()[:16]
     assert trainjob.load_template()["metadata"]["name"] == "finetune-train"  # the template itself is left as it was
 
 
 def test_a_cpu_trainjob_asks_for_no_gpus_and_one_node_for_none():
     tiny = profiles.load_profile(REPO / "configs" / "8xh100-fsdp2-tiny.yaml", ["train.nodes=2", "train.gpus_per_node=2"])
-    job = trainjob.render(trainjob.load_template(), tiny, name="finetune-train-0", image_tag="t", command=["torchrun"])
+    job = trainjob.render(trainjob.load_template(), tiny, name="finetune-train-0", image_tag="t",
+                          config="configs/8xh100-fsdp2-tiny.yaml", out_dir=Path("/runs/x"), overrides=[], tracking={})
     assert job["spec"]["trainer"]["resourcesPerNode"] == {"limits": {}} and job["spec"]["trainer"]["numProcPerNode"] == 2
     assert_valid_trainjob(job, "rendered for the tiny CPU profile")
     one = profiles.load_profile(REPO / "configs" / "8xh100-fsdp2.yaml")
     with pytest.raises(ValueError, match="train.nodes=1: a TrainJob is for train.nodes >= 2"):
-        trainjob.render(trainjob.load_template(), one, name="x", image_tag="t", command=["torchrun"])
+        trainjob.render(trainjob.load_template(), one, name="x", image_tag="t", config="c", out_dir=Path("/runs/x"),
+                        overrides=[], tracking={})
 
 
 def test_train_nodes_is_a_checked_profile_key():
@@ -251,9 +254,14 @@ class TestDoubleTrainerApis:
 
     __test__ = False  # not a test class
 
-    def __init__(self, states: list[dict], pods: list, events: list = (), logs: str = ""):
+    def __init__(self, states: list[dict], pods: list, events: list = (), logs: str = "", earlier: list[str] = ()):
         self.states, self.pods, self.events, self.logs = list(states), pods, list(events), logs
+        self.earlier = list(earlier)  # TrainJobs already there with the same out-dir label
         self.calls = []
+
+    def list_namespaced_custom_object(self, group, version, namespace, plural, label_selector):
+        self.calls.append(("list", label_selector))
+        return {"items": [{"metadata": {"name": name}} for name in self.earlier]}
 
     def create_namespaced_custom_object(self, group, version, namespace, plural, body):
         self.calls.append(("create", group, version, namespace, plural, body["metadata"]["name"]))
@@ -278,7 +286,7 @@ class TestDoubleTrainerApis:
 
 
 def _run(apis: TestDoubleTrainerApis, timeout_s=None) -> dict:
-    job = {"metadata": {"name": "finetune-train-1", "namespace": "finetune"},
+    job = {"metadata": {"name": "finetune-train-1", "namespace": "finetune", "labels": {trainjob.OUT_DIR_LABEL: "ab12"}},
            "spec": {"trainer": {"numNodes": 2, "numProcPerNode": 8}}}
     return trainjob.run(job, namespace="finetune", timeout_s=timeout_s, poll_s=0.01, custom_api=apis, core_api=apis)
 
@@ -287,7 +295,8 @@ def test_run_waits_until_the_trainjob_completes():
     apis = TestDoubleTrainerApis([_trainjob(None), _trainjob(None), _trainjob("Complete", "JobsCompleted")],
                                  pods=[_pod("finetune-train-1-node-0-0-a")])
     assert trainjob.condition(_run(apis)) == ("Complete", "JobsCompleted")
-    assert apis.calls[0] == ("create", "trainer.kubeflow.org", "v1alpha1", "finetune", "trainjobs", "finetune-train-1")
+    assert apis.calls[:2] == [("list", f"{trainjob.OUT_DIR_LABEL}=ab12"),
+                              ("create", "trainer.kubeflow.org", "v1alpha1", "finetune", "trainjobs", "finetune-train-1")]
     assert ("pods", "jobset.sigs.k8s.io/jobset-name=finetune-train-1") in apis.calls
     assert not [c for c in apis.calls if c[0] == "delete"]
 
@@ -314,3 +323,45 @@ def test_run_deletes_a_stuck_or_overdue_trainjob():
     with pytest.raises(TimeoutError, match="(?s)not finished after 0 s.*FailedScheduling: 0/2 nodes are available"):
         _run(overdue, timeout_s=0)
     assert overdue.calls[-1] == ("delete", "finetune-train-1", "Foreground")
+
+
+def test_an_earlier_trainjob_into_the_same_out_dir_is_deleted_first():
+    apis = TestDoubleTrainerApis([_trainjob("Complete")], pods=[], earlier=["finetune-train-0"])
+    _run(apis)
+    assert apis.calls[:3] == [("list", f"{trainjob.OUT_DIR_LABEL}=ab12"), ("delete", "finetune-train-0", "Foreground"),
+                              ("create", "trainer.kubeflow.org", "v1alpha1", "finetune", "trainjobs", "finetune-train-1")]
+
+
+def test_the_flow_task_skips_a_finished_train_and_creates_the_rendered_trainjob_otherwise(tmp_path, monkeypatch):
+    """flows.finetune.run_train_job's own code (.fn: no Prefect engine), with the Prefect variable and the cluster's
+    two APIs replaced by test doubles."""
+    import prefect.variables
+    from kubernetes import config as kube_config
+
+    from flows import finetune
+    from steps import contract
+
+    config = str(REPO / "configs" / "8xh100-fsdp2.yaml")
+    (tmp_path / "harmony").mkdir()
+    (tmp_path / "harmony" / contract.MANIFEST).write_text(json.dumps({"step": "harmony", "fingerprint": "h1"}))
+    (tmp_path / "train").mkdir()
+    manifest = {"step": "train", "fingerprint": "an older run's", "duration_s": 12.5}
+    (tmp_path / "train" / contract.MANIFEST).write_text(json.dumps(manifest))
+    apis = TestDoubleTrainerApis([_trainjob("Complete")], pods=[])
+    created = []
+    apis.create_namespaced_custom_object = lambda group, version, namespace, plural, body: created.append(body)
+    monkeypatch.setattr(prefect.variables.Variable, "get", classmethod(lambda cls, name: {"finetune_image_tag": "abc123"}[name]))
+    monkeypatch.setattr(kube_config, "load_config", lambda: None)
+    monkeypatch.setattr(client, "CustomObjectsApi", lambda: apis)
+    monkeypatch.setattr(client, "CoreV1Api", lambda: apis)
+    result = finetune.run_train_job.fn(config, tmp_path, ["train.nodes=2"], {}, None)
+    assert result["status"] == "ran" and result["trainjob"] == f"finetune/{created[0]['metadata']['name']}"
+    assert created[0]["spec"]["trainer"]["image"] == "finetune-train:abc123"
+    assert created[0]["spec"]["trainer"]["command"][-1] == "train.nodes=2"
+    # A manifest with this run's fingerprint: skipped, no TrainJob (no nodes held only to find the step done).
+    cfg = profiles.step_config(profiles.load_profile(config, ["train.nodes=2"]), "train")
+    fingerprint = contract.fingerprint("train", cfg, {"harmony": tmp_path / "harmony"})
+    (tmp_path / "train" / contract.MANIFEST).write_text(json.dumps({**manifest, "fingerprint": fingerprint}))
+    created.clear()
+    assert finetune.run_train_job.fn(config, tmp_path, ["train.nodes=2"], {}, None)["status"] == "skipped (already done)"
+    assert created == []
