@@ -8,6 +8,7 @@ import copy
 import hashlib
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 
 import yaml
@@ -160,6 +161,7 @@ def run(trainjob: dict, *, namespace: str, timeout_s: int | None, poll_s: float 
         custom_api.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name,
                                                    propagation_policy="Foreground")
 
+    seen_phases = None
     while True:
         current = custom_api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
         finished = condition(current)
@@ -167,6 +169,10 @@ def run(trainjob: dict, *, namespace: str, timeout_s: int | None, poll_s: float 
             log.info("train: TrainJob %s complete", name)
             return current
         pods = core_api.list_namespaced_pod(namespace, label_selector=selector).items
+        phases = ", ".join(f"{n} {phase}" for phase, n in sorted(Counter(p.status.phase for p in pods).items()))
+        if phases != seen_phases:  # the flow run's log shows scheduling and start-up, not one line per poll
+            log.info("train: TrainJob %s pods: %s", name, phases or "none yet")
+            seen_phases = phases
         if finished:
             events = core_api.list_namespaced_event(namespace).items
             logs = {pod.metadata.name: core_api.read_namespaced_pod_log(pod.metadata.name, namespace, container="node",

@@ -291,10 +291,13 @@ def _run(apis: TestDoubleTrainerApis, timeout_s=None) -> dict:
     return trainjob.run(job, namespace="finetune", timeout_s=timeout_s, poll_s=0.01, custom_api=apis, core_api=apis)
 
 
-def test_run_waits_until_the_trainjob_completes():
+def test_run_waits_until_the_trainjob_completes(caplog):
     apis = TestDoubleTrainerApis([_trainjob(None), _trainjob(None), _trainjob("Complete", "JobsCompleted")],
-                                 pods=[_pod("finetune-train-1-node-0-0-a")])
-    assert trainjob.condition(_run(apis)) == ("Complete", "JobsCompleted")
+                                 pods=[_pod("finetune-train-1-node-0-0-a"), _pod("finetune-train-1-node-0-1-b")])
+    with caplog.at_level("INFO", logger="finetune"):
+        assert trainjob.condition(_run(apis)) == ("Complete", "JobsCompleted")
+    assert [r.getMessage() for r in caplog.records if "pods:" in r.getMessage()] == \
+        ["train: TrainJob finetune-train-1 pods: 2 Running"]  # once, not once per poll
     assert apis.calls[:2] == [("list", f"{trainjob.OUT_DIR_LABEL}=ab12"),
                               ("create", "trainer.kubeflow.org", "v1alpha1", "finetune", "trainjobs", "finetune-train-1")]
     assert ("pods", "jobset.sigs.k8s.io/jobset-name=finetune-train-1") in apis.calls
