@@ -137,6 +137,9 @@ def run_train_job(config: str, out: Path, overrides: list[str], tracking: dict, 
         trainjob.run(job, namespace=job["metadata"]["namespace"], timeout_s=timeout_s)
     except TimeoutError as e:
         raise StepTimedOut("train", timeout_s, f" ({e})") from None
+    if not manifest_path.is_file():
+        raise RuntimeError(f"TrainJob {job['metadata']['name']} completed but {manifest_path} is missing: this flow and "
+                           "the TrainJob's nodes must mount the same ReadWriteMany claim at /runs (infra/k8s/storage.yaml)")
     manifest = json.loads(manifest_path.read_text())
     return {"step": "train", "status": "ran", "out_dir": str(out / "train"), "duration_s": manifest["duration_s"],
             "trainjob": f"{job['metadata']['namespace']}/{job['metadata']['name']}"}
