@@ -2,7 +2,8 @@
 
     finetune run [--config configs/tiny-cpu.yaml] [--out runs/latest] [section.key=value …]     (in-process)
     prefect deployment run finetune/dev --watch                                                 (in-process, a worker)
-    prefect deployment run finetune/prod                          (each step its deployment step/<name>: prefect.yaml)
+    prefect deployment run finetune/prod                          (each step its deployment step/<name>: prefect.yaml;
+                                                                   train with train.nodes > 1 a TrainJob: flows/trainjob.py)
 """
 import json
 import logging
@@ -10,6 +11,7 @@ import os
 import re
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Literal
 
@@ -111,6 +113,38 @@ def run_step_deployment(name: str, config: str, out: Path, overrides: list[str],
             "out_dir": str(out / name), "duration_s": manifest["duration_s"], "flow_run": link}
 
 
+@task(cache_policy=NO_CACHE, retry_condition_fn=_transient)
+def run_train_job(config: str, out: Path, overrides: list[str], tracking: dict, timeout_s: int | None) -> dict:
+    """train.nodes > 1: the train step as a Kubeflow Trainer TrainJob created through the Kubernetes API and waited for
+    (flows/trainjob.py); fails with the pods' failure reason. A retry creates a new TrainJob, which resumes from the
+    last checkpoint the lost one wrote."""
+    from prefect.variables import Variable
+
+    from flows import trainjob
+
+    profile = profiles.load_profile(config, list(overrides))
+    cfg, inputs = profiles.step_config(profile, "train"), {"harmony": out / "harmony"}
+    manifest_path = out / "train" / contract.MANIFEST
+    if manifest_path.is_file() and (json.loads(manifest_path.read_text())["fingerprint"]
+                                    == contract.fingerprint("train", cfg, inputs)):
+        # Skipped here rather than by the step itself: no nodes are held only to find the step done.
+        return {"step": "train", "status": "skipped (already done)", "out_dir": str(out / "train"),
+                "duration_s": json.loads(manifest_path.read_text())["duration_s"]}
+    job = trainjob.render(trainjob.load_template(), profile, name=f"finetune-train-{uuid.uuid4().hex[:8]}",
+                          image_tag=Variable.get("finetune_image_tag"), config=config, out_dir=out,
+                          overrides=overrides, tracking=tracking)
+    try:
+        trainjob.run(job, namespace=job["metadata"]["namespace"], timeout_s=timeout_s)
+    except TimeoutError as e:
+        raise StepTimedOut("train", timeout_s, f" ({e})") from None
+    if not manifest_path.is_file():
+        raise RuntimeError(f"TrainJob {job['metadata']['name']} completed but {manifest_path} is missing: this flow and "
+                           "the TrainJob's nodes must mount the same ReadWriteMany claim at /runs (infra/k8s/storage.yaml)")
+    manifest = json.loads(manifest_path.read_text())
+    return {"step": "train", "status": "ran", "out_dir": str(out / "train"), "duration_s": manifest["duration_s"],
+            "trainjob": f"{job['metadata']['namespace']}/{job['metadata']['name']}"}
+
+
 def _run_label(config: str, overrides: list[str]) -> str:
     """profile@dataset-revision (the run names): what a run trained on, at a glance."""
     data = profiles.load_profile(config, list(overrides)).get("data", {})
@@ -163,12 +197,17 @@ def finetune(config: str = str(profiles.DEFAULT_PROFILE), out: str = "runs/lates
     overrides = list(overrides) + ([f"data.revision={dataset_revision}"] if dataset_revision else [])
     out_dir = Path(out).resolve()
     profile = profiles.load_profile(config, overrides)
+    num_train_nodes = profiles.step_config(profile, "train").nodes
     # In-process, every step's config is checked before the first step starts. With dispatch=deployments no image
     # holds every step's packages (a step's module imports them), so each step/<name> checks its own config in its
     # container before it starts work (`finetune check` checks them all where every extra is installed).
     if dispatch == "in-process":
         profiles.validate(profile)
         check_environment(profile)
+        if num_train_nodes > 1:
+            raise ValueError(f"train.nodes={num_train_nodes}: a multi-node train step runs as a Kubeflow TrainJob, "
+                             "which the prod flow creates (dispatch=deployments, with a Kubernetes API); set "
+                             "train.nodes=1 to train here")
     tracking_cfg = profiles.tracking_config(profile)
     orchestration = profiles.orchestration_config(profile)
     tracking = {}
@@ -194,6 +233,11 @@ def finetune(config: str = str(profiles.DEFAULT_PROFILE), out: str = "runs/lates
                     # No timeout here: Prefect's in-process one is a SIGALRM whose exception Python drops when it lands
                     # in a finalizer (seen: train ran on for 9 minutes past a 5 s limit). A deployment's is enforced.
                     results.append(run_step.with_options(name=name)(name, profile, out_dir, tracking))
+                elif name == "train" and num_train_nodes > 1:
+                    dispatched = run_train_job.with_options(
+                        name="trainjob/train", retries=orchestration.retries,
+                        retry_delay_seconds=exponential_backoff(backoff_factor=orchestration.retry_delay_s))
+                    results.append(dispatched(config, out_dir, overrides, tracking, timeout_s))
                 else:
                     dispatched = run_step_deployment.with_options(
                         name=f"step/{name}", retries=orchestration.retries,
