@@ -84,8 +84,8 @@ def _transient(task, task_run, state) -> bool:
 
 @task(cache_policy=NO_CACHE, retry_condition_fn=_transient)
 def run_step_deployment(name: str, config: str, out: Path, overrides: list[str], tracking: dict,
-                        timeout_s: int | None) -> dict:
-    """Step `name` as the flow run of its deployment step/<name>; fails with the child's message and link unless
+                        timeout_s: int | None, deployment: str) -> dict:
+    """Step `name` as the flow run of `deployment` (step/<name>, or step/<name>-k8s); fails with the child's message and link unless
     the child completed. `run_deployment` itself returns the child whatever its final state."""
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
@@ -94,7 +94,7 @@ def run_step_deployment(name: str, config: str, out: Path, overrides: list[str],
 
     manifest_path = out / name / contract.MANIFEST
     before = manifest_path.read_text() if manifest_path.is_file() else None
-    child = run_deployment(f"step/{name}", timeout=timeout_s, poll_interval=2,
+    child = run_deployment(deployment, timeout=timeout_s, poll_interval=2,
                            parameters={"name": name, "config": config, "out": str(out), "overrides": list(overrides),
                                        "tracking": tracking})
     link = url_for("flow-run", obj_id=child.id)
@@ -190,9 +190,11 @@ CLEANED_UP = threading.Event()
 # The steps' lines reach the flow-run logs through the "finetune" logger (PREFECT_LOGGING_EXTRA_LOGGERS, above).
 @flow(name="finetune", flow_run_name=_run_name)
 def finetune(config: str = str(profiles.DEFAULT_PROFILE), out: str = "runs/latest", overrides: list[str] = (),
-             dataset_revision: str = "", dispatch: Literal["in-process", "deployments"] = "in-process") -> list[dict]:
-    """dispatch=deployments runs each step as its deployment step/<name>, on its runtime's pool and image
-    (prefect.yaml); `out` must then be a folder every pool mounts at the same path (/runs)."""
+             dataset_revision: str = "", dispatch: Literal["in-process", "deployments", "kubernetes"] = "in-process"
+             ) -> list[dict]:
+    """dispatch=deployments runs each step as its deployment step/<name>, on its runtime's docker pool and image
+    (prefect.yaml), dispatch=kubernetes as step/<name>-k8s on the k8s pool; `out` must then be a folder every pool
+    mounts at the same path (/runs)."""
     logger = get_run_logger()
     overrides = list(overrides) + ([f"data.revision={dataset_revision}"] if dataset_revision else [])
     out_dir = Path(out).resolve()
@@ -206,7 +208,7 @@ def finetune(config: str = str(profiles.DEFAULT_PROFILE), out: str = "runs/lates
         check_environment(profile)
         if num_train_nodes > 1:
             raise ValueError(f"train.nodes={num_train_nodes}: a multi-node train step runs as a Kubeflow TrainJob, "
-                             "which the prod flow creates (dispatch=deployments, with a Kubernetes API); set "
+                             "which the prod flow creates (dispatch=deployments or kubernetes, with a Kubernetes API); set "
                              "train.nodes=1 to train here")
     tracking_cfg = profiles.tracking_config(profile)
     orchestration = profiles.orchestration_config(profile)
@@ -239,10 +241,11 @@ def finetune(config: str = str(profiles.DEFAULT_PROFILE), out: str = "runs/lates
                         retry_delay_seconds=exponential_backoff(backoff_factor=orchestration.retry_delay_s))
                     results.append(dispatched(config, out_dir, overrides, tracking, timeout_s))
                 else:
+                    deployment = f"step/{name}" + ("-k8s" if dispatch == "kubernetes" else "")
                     dispatched = run_step_deployment.with_options(
-                        name=f"step/{name}", retries=orchestration.retries,
+                        name=deployment, retries=orchestration.retries,
                         retry_delay_seconds=exponential_backoff(backoff_factor=orchestration.retry_delay_s))
-                    results.append(dispatched(name, config, out_dir, overrides, tracking, timeout_s))
+                    results.append(dispatched(name, config, out_dir, overrides, tracking, timeout_s, deployment))
             except ValueError as err:
                 if name != "smoke":
                     raise

@@ -206,7 +206,8 @@ def prefect(step_images, tmp_path_factory):
 def test_deployments_read_back_from_the_server(prefect):
     declared = yaml.safe_load((REPO / "prefect.yaml").read_text())
     names = [f"{'finetune' if d['entrypoint'].endswith(':finetune') else 'step'}/{d['name']}" for d in declared["deployments"]]
-    assert sorted(names) == sorted(["finetune/prod", "finetune/dev", *(f"step/{s}" for s in STEPS)])
+    assert sorted(names) == sorted(["finetune/prod", "finetune/prod-k8s", "finetune/dev",
+                                    *(f"step/{s}" for s in STEPS), *(f"step/{s}-k8s" for s in STEPS)])
     got = prefect.query("""
 out = {}
 for d in client.read_deployments():
@@ -247,6 +248,15 @@ print(json.dumps({"deployments": out, "pools": pools, "automations": automations
         assert d["parameters"]["name"] == step
         assert d["pull"] == [{"prefect.deployments.steps.set_working_directory": {"directory": "/opt/finetune"}}], step
     assert prod["pull"] == deployments["step/fetch"]["pull"]
+    # The same on the k8s pool (infra/k8s's worker): prod-k8s's schedule is there but off, its steps step/<name>-k8s.
+    k8s = deployments["finetune/prod-k8s"]
+    assert k8s["pool"] == "k8s" and k8s["parameters"]["dispatch"] == "kubernetes" and k8s["limit"] == 1
+    assert k8s["schedules"] == [{"cron": "0 2 * * *", "timezone": "Europe/Paris", "active": False}]
+    for step in STEPS:
+        d = deployments[f"step/{step}-k8s"]
+        assert d["pool"] == "k8s" and d["parameters"]["name"] == step, step
+        assert d["job_variables"]["image"] == deployments[f"step/{step}"]["job_variables"]["image"], step
+        assert d["job_variables"].get("gpu_count", 0) == (1 if POOL_OF_RUNTIME[RUNTIMES[step]] == "gpu" else 0), step
 
     # The pools as setup.sh declared them (infra/prefect/pools.yaml), after two runs.
     assert {name: p["type"] for name, p in pools.items()} == {"process": "process", "cpu": "docker", "gpu": "docker",
