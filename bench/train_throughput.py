@@ -56,7 +56,9 @@ CONFIGS = {
     "flex_pack8k_ckpt6": ("flex_attention", True, 8192, 1, 2, 6, False),
     "flex_pack8k_nockpt": ("flex_attention", True, 8192, 1, 2, False, False),
     "flex_pack4k_nockpt_liger": ("flex_attention", True, 4096, 1, 4, False, True),
+    "ref_all": ("eager", False, 2048, 4, 4, True, False),  # the recipe with LoRA on the experts of every layer
 }
+ALL_EXPERT_LAYERS = {"ref_all"}  # configurations whose LoRA targets the experts of every layer, not 7/15/23
 DEFAULT_ORDER = ("ref,flex_pack8k_nockpt,flex_pack4k_nockpt,flex_pack8k_ckpt12,flex_pack8k_ckpt6,flex_pack8k,flex_pad,"
                  "flex_pack4k_nockpt_liger")  # liger last: its kernels are patched into transformers process-wide
 
@@ -230,7 +232,7 @@ def run_config(name, spec, shape, rows, device, warmup_steps, timed_steps, seed,
     reset_peak(device)
     model = build_model(shape, attn, device, seed)
     n_layers = shape["num_hidden_layers"]
-    expert_layers = [7, 15, 23] if n_layers == 24 else [1, n_layers - 1]
+    expert_layers = ([7, 15, 23] if n_layers == 24 else [1, n_layers - 1]) if name not in ALL_EXPERT_LAYERS else range(n_layers)
     peft_cfg = LoraConfig(
         r=8, lora_alpha=16, target_modules="all-linear",
         target_parameters=[f"{i}.mlp.experts.{p}" for i in expert_layers for p in ("gate_up_proj", "down_proj")],
@@ -497,6 +499,8 @@ def main():
     ap.add_argument("--profile", default="", help="comma-separated configurations to profile one extra step of")
     ap.add_argument("--baseline-experts", default="", help="comma-separated step configurations to run with the "
                     "expert path of main at 53b72cc (bench/experts_53b72cc.py) instead of steps/modeling.py's")
+    ap.add_argument("--peft-experts", default="", help="comma-separated step configurations to run with PEFT's own "
+                    "expert LoRA (W + scale * A @ B built per forward) instead of steps.modeling.lora_experts")
     a = ap.parse_args()
     variants = {}
     for v in a.step_variant:
@@ -585,9 +589,14 @@ def main():
                     patches.enter_context(unittest.mock.patch.object(steps.modeling, "_experts_forward",
                                                                      experts_53b72cc._experts_forward))
                     log(f"{name}: expert path of main at 53b72cc (bench/experts_53b72cc.py)")
+                if name in a.peft_experts.split(","):
+                    import steps.modeling
+                    patches.enter_context(unittest.mock.patch.object(steps.modeling, "lora_experts", lambda net: 0))
+                    log(f"{name}: PEFT's own expert LoRA (steps.modeling.lora_experts off)")
                 res = run_train_step(name, rows, device, a.warmup_steps, a.timed_steps, a.tokenizer_dir, a.step_profile,
                                      a.step_override + variants.get(name, []), profile_to)
             res["expert_path"] = "main 53b72cc" if name in a.baseline_experts.split(",") else "this checkout"
+            res["expert_lora"] = "PEFT (W + BA per forward)" if name in a.peft_experts.split(",") else "lora_experts"
         else:
             log(f"=== {name} {CONFIGS[name]}")
             res = run_config(name, CONFIGS[name], shape, rows, device, a.warmup_steps, a.timed_steps, 42, tokenizer)

@@ -258,11 +258,24 @@ class _RouteRows(torch.autograd.Function):
         return grad, None, None, None
 
 
+def _projection(rows: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, lora) -> torch.Tensor:
+    """rows @ weight[e] for each expert e's rows, plus the LoRA update scale * (rows @ A_e) @ B_e where `lora` is
+    (A [experts, in, r], B [experts, r, out], scale): two thin grouped GEMMs instead of a full-size W + scale * A @ B."""
+    out = _grouped_mm(rows, weight, offsets)
+    if lora is None:
+        return out
+    lhs, rhs, scale = lora
+    low_rank = _grouped_mm(rows, lhs.to(rows.dtype).contiguous(), offsets) * scale
+    return out + _grouped_mm(low_rank, rhs.to(rows.dtype).contiguous(), offsets)
+
+
 def _experts_forward(self: GptOssExperts, hidden_states: torch.Tensor, router_indices: torch.Tensor,
-                     routing_weights: torch.Tensor) -> torch.Tensor:
+                     routing_weights: torch.Tensor, lora: dict | None = None) -> torch.Tensor:
     """GptOssExperts.forward as transformers' grouped_mm path computes it (tokens sorted by expert, one grouped GEMM
     per projection), with the routing through _RouteRows, the activation (and gate_up's bias) through _ClampedSwiGLU
-    and the down projection's epilogue through _Unroute."""
+    and the down projection's epilogue through _Unroute. `lora`: {parameter name: (A, B, scale)} of the LoRA
+    adapters on gate_up_proj / down_proj (lora_experts), applied inside the projections."""
+    lora = lora or {}
     top_k = router_indices.shape[-1]
     expert_ids, perm = torch.sort(router_indices.reshape(-1))
     inverse = torch.empty_like(perm)
@@ -272,9 +285,9 @@ def _experts_forward(self: GptOssExperts, hidden_states: torch.Tensor, router_in
                          min=0, max=self.num_experts - 1)
     offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
     routed = _RouteRows.apply(hidden_states, perm, inverse, top_k)
-    gate_up = _grouped_mm(routed, self.gate_up_proj, offsets)
+    gate_up = _projection(routed, self.gate_up_proj, offsets, lora.get("gate_up_proj"))
     activated = _ClampedSwiGLU.apply(gate_up, self.gate_up_proj_bias, expert_ids, self.alpha, self.limit)
-    down = _grouped_mm(activated, self.down_proj, offsets)
+    down = _projection(activated, self.down_proj, offsets, lora.get("down_proj"))
     out = _Unroute.apply(down, self.down_proj_bias, inverse.view(-1, top_k), perm, router_indices, routing_weights)
     return out.to(hidden_states.dtype)
 
@@ -285,6 +298,52 @@ def fast_experts(net: GptOssForCausalLM) -> None:
     for module in net.modules():
         if isinstance(module, GptOssExperts):
             module.forward = types.MethodType(_experts_forward, module)
+
+
+def _expert_lora_factors(wrapper) -> dict | None:
+    """{parameter name: (A, B, scale)} of a chain of PEFT ParamWrappers over one GptOssExperts, or None where the
+    chain is in a state only PEFT's own forward handles (adapters merged or disabled, several active adapters, another
+    weight layout)."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    factors, layer = {}, wrapper
+    while isinstance(layer, ParamWrapper):
+        adapters = [a for a in layer.active_adapters if a in layer.lora_A]
+        if layer.merged or layer.disable_adapters or len(adapters) > 1 or layer._did_swap_in_out_features:
+            return None
+        if adapters:
+            factors[layer.parameter_name] = layer.get_delta_factors(adapters[0])
+        layer = layer.base_layer
+    return factors
+
+
+def _lora_experts_forward(self, hidden_states, router_indices=None, routing_weights=None, *args, **kwargs):
+    """The outermost PEFT ParamWrapper's forward over a GptOssExperts: the fused expert path with the adapters inside
+    its grouped GEMMs; PEFT's own forward where _expert_lora_factors declines."""
+    factors = _expert_lora_factors(self)
+    if factors is None or args or kwargs:
+        return type(self).forward(self, hidden_states, router_indices, routing_weights, *args, **kwargs)
+    return _experts_forward(self.get_base_layer(), hidden_states, router_indices, routing_weights, lora=factors)
+
+
+def lora_experts(net) -> int:
+    """Run PEFT's LoRA on expert parameters (LoraConfig.target_parameters) inside the fused expert path; returns the
+    number of expert modules it applies to.
+
+    PEFT applies an adapter on a [experts, in, out] parameter by parametrizing it as W + scale * A @ B for the whole
+    forward (peft/tuners/lora/layer.py ParamWrapper._activate_lora): a full-size copy of every targeted expert weight
+    (1.6 GB a gpt-oss-20b layer in bf16), which autograd keeps until the backward pass. Here each projection computes
+    x @ W_e + scale * (x @ A_e) @ B_e per expert with two thin grouped GEMMs, from the same lora_A / lora_B
+    parameters in PEFT's layout (get_delta_factors), so the adapter saves, loads and merges as PEFT's own.
+    """
+    from peft.tuners.lora.layer import ParamWrapper
+
+    wrappers = [m for m in net.modules() if isinstance(m, ParamWrapper) and isinstance(m.get_base_layer(), GptOssExperts)]
+    inner = {id(w.base_layer) for w in wrappers}
+    outer = [w for w in wrappers if id(w) not in inner]
+    for wrapper in outer:
+        wrapper.forward = types.MethodType(_lora_experts_forward, wrapper)
+    return len(outer)
 
 
 # Label positions per LM-head tile on CPU: 32 x 201k fp32 logits (26 MiB) stay under glibc's 32 MiB mmap threshold, so

@@ -356,7 +356,7 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl import SFTConfig, SFTTrainer
 
-    from steps.modeling import cpu_lm_head, fast_experts, load_model, mask_packed_documents
+    from steps.modeling import cpu_lm_head, fast_experts, load_model, lora_experts, mask_packed_documents
     from steps.progress import Progress, model_flops_per_token, peak_bf16_flops, peak_mem_gib
 
     # PEFT 0.21.2 and TRL 1.16 read model.is_gradient_checkpointing, which transformers 5.23 deprecates: a FutureWarning
@@ -550,7 +550,9 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
     if peft_config is not None:
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in trainer.model.parameters())
-        log.info("train: LoRA trains %.2f M of %.1f M parameters", trainable / 1e6, total / 1e6)
+        fused = lora_experts(trainer.model)
+        log.info("train: LoRA trains %.2f M of %.1f M parameters (the experts' of %d layers inside the grouped GEMMs)",
+                 trainable / 1e6, total / 1e6, fused)
     if cfg.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     try:
