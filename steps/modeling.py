@@ -129,56 +129,60 @@ def _clamped_swiglu_grad(gate_up: torch.Tensor, grad: torch.Tensor, alpha: float
     return torch.stack((d_gate, d_up), dim=-1).flatten(-2).to(gate_up.dtype)
 
 
-# On GPU each direction compiles to one elementwise kernel (the bias gather fused in); the row count varies (marked
-# dynamic), the width does not.
-def _biased_swiglu(gate_up, bias, expert_ids, alpha, limit):
-    return _clamped_swiglu(gate_up + bias[expert_ids], alpha, limit)
-
-
-def _biased_swiglu_grad(gate_up, bias, expert_ids, grad, alpha, limit):
-    return _clamped_swiglu_grad(gate_up + bias[expert_ids], grad, alpha, limit)
+# On GPU each direction compiles to one elementwise kernel (the forward's adds and bias gather fused in); the row
+# count varies (marked dynamic), the width does not.
+def _biased_swiglu(gate_up, delta, bias, expert_ids, alpha, limit):
+    """The activation of gate_up (+ delta, LoRA's low-rank term) + bias[expert_ids], and that sum, which the backward
+    pass starts from."""
+    pre = (gate_up if delta is None else gate_up + delta) + bias[expert_ids]
+    return _clamped_swiglu(pre, alpha, limit), pre
 
 
 _biased_swiglu_cuda = torch.compile(_biased_swiglu)
-_biased_swiglu_grad_cuda = torch.compile(_biased_swiglu_grad)
+_clamped_swiglu_grad_cuda = torch.compile(_clamped_swiglu_grad)
 
 
 def _mark_rows_dynamic(*tensors):
     for t in tensors:
-        torch._dynamo.mark_dynamic(t, 0)
+        if t is not None:
+            torch._dynamo.mark_dynamic(t, 0)
 
 
 class _ClampedSwiGLU(torch.autograd.Function):
-    """The expert activation of gate_up + bias[expert_ids], keeping only its inputs for the backward pass.
+    """The expert activation of gate_up (+ delta) + bias[expert_ids], keeping only that sum for the backward pass.
 
     Autograd through the eager activation (2 clamps, sigmoid, 3 products, an add on strided halves) keeps ~5 tensors
     per routed token; 4 routed tokens per token make that most of a gpt-oss layer's activation memory. This keeps
-    gate_up alone and recomputes the rest in the backward pass, which on GPU is one fused kernel each way, the bias
-    gather included (an add of a gathered [routed tokens, 2 x intermediate] bias each way otherwise).
+    the biased input alone and recomputes the rest in the backward pass: on GPU one fused kernel each way, the
+    forward's reading gate_up, LoRA's delta and the gathered bias and writing the activation and the sum (separately
+    an add of a [routed tokens, 2 x intermediate] delta and a gathered bias, or a gather again in the backward pass).
     """
 
     @staticmethod
-    def forward(ctx, gate_up, bias, expert_ids, alpha, limit):
-        ctx.save_for_backward(gate_up, bias, expert_ids)
-        ctx.alpha, ctx.limit = alpha, limit
+    def forward(ctx, gate_up, delta, bias, expert_ids, alpha, limit):
         if not gate_up.is_cuda:
-            return _biased_swiglu(gate_up, bias, expert_ids, alpha, limit)
-        _mark_rows_dynamic(gate_up, expert_ids)
-        return _biased_swiglu_cuda(gate_up, bias, expert_ids, alpha, limit)
+            activated, pre = _biased_swiglu(gate_up, delta, bias, expert_ids, alpha, limit)
+        else:
+            _mark_rows_dynamic(gate_up, delta, expert_ids)
+            activated, pre = _biased_swiglu_cuda(gate_up, delta, bias, expert_ids, alpha, limit)
+        ctx.save_for_backward(pre, expert_ids)
+        ctx.alpha, ctx.limit, ctx.bias_like = alpha, limit, (bias.shape, bias.dtype)
+        return activated
 
     @staticmethod
     def backward(ctx, grad):
-        gate_up, bias, expert_ids = ctx.saved_tensors
+        pre, expert_ids = ctx.saved_tensors
         grad = grad.contiguous()
-        if not gate_up.is_cuda:
-            d_gate_up = _biased_swiglu_grad(gate_up, bias, expert_ids, grad, ctx.alpha, ctx.limit)
+        if not pre.is_cuda:
+            d_pre = _clamped_swiglu_grad(pre, grad, ctx.alpha, ctx.limit)
         else:
-            _mark_rows_dynamic(gate_up, expert_ids, grad)
-            d_gate_up = _biased_swiglu_grad_cuda(gate_up, bias, expert_ids, grad, ctx.alpha, ctx.limit)
+            _mark_rows_dynamic(pre, grad)
+            d_pre = _clamped_swiglu_grad_cuda(pre, grad, ctx.alpha, ctx.limit)
         d_bias = None
-        if ctx.needs_input_grad[1]:  # a full fine-tune trains the bias; LoRA leaves it frozen
-            d_bias = torch.zeros_like(bias).index_add_(0, expert_ids, d_gate_up)
-        return d_gate_up, d_bias, None, None, None
+        if ctx.needs_input_grad[2]:  # a full fine-tune trains the bias; LoRA leaves it frozen
+            shape, dtype = ctx.bias_like
+            d_bias = d_pre.new_zeros(shape, dtype=dtype).index_add_(0, expert_ids, d_pre.to(dtype))
+        return d_pre, d_pre if ctx.needs_input_grad[1] else None, d_bias, None, None, None
 
 
 def _unroute(down, bias, inverse, router_indices, weights):
@@ -258,15 +262,14 @@ class _RouteRows(torch.autograd.Function):
         return grad, None, None, None
 
 
-def _projection(rows: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, lora) -> torch.Tensor:
-    """rows @ weight[e] for each expert e's rows, plus the LoRA update scale * (rows @ A_e) @ B_e where `lora` is
+def _low_rank(rows: torch.Tensor, offsets: torch.Tensor, lora) -> torch.Tensor | None:
+    """LoRA's update of a projection, scale * (rows @ A_e) @ B_e for each expert e's rows, where `lora` is
     (A [experts, in, r], B [experts, r, out], scale): two thin grouped GEMMs instead of a full-size W + scale * A @ B."""
-    out = _grouped_mm(rows, weight, offsets)
     if lora is None:
-        return out
+        return None
     lhs, rhs, scale = lora
     low_rank = _grouped_mm(rows, lhs.to(rows.dtype).contiguous(), offsets) * scale
-    return out + _grouped_mm(low_rank, rhs.to(rows.dtype).contiguous(), offsets)
+    return _grouped_mm(low_rank, rhs.to(rows.dtype).contiguous(), offsets)
 
 
 def _experts_forward(self: GptOssExperts, hidden_states: torch.Tensor, router_indices: torch.Tensor,
@@ -285,9 +288,13 @@ def _experts_forward(self: GptOssExperts, hidden_states: torch.Tensor, router_in
                          min=0, max=self.num_experts - 1)
     offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
     routed = _RouteRows.apply(hidden_states, perm, inverse, top_k)
-    gate_up = _projection(routed, self.gate_up_proj, offsets, lora.get("gate_up_proj"))
-    activated = _ClampedSwiGLU.apply(gate_up, self.gate_up_proj_bias, expert_ids, self.alpha, self.limit)
-    down = _projection(activated, self.down_proj, offsets, lora.get("down_proj"))
+    gate_up = _grouped_mm(routed, self.gate_up_proj, offsets)
+    activated = _ClampedSwiGLU.apply(gate_up, _low_rank(routed, offsets, lora.get("gate_up_proj")),
+                                     self.gate_up_proj_bias, expert_ids, self.alpha, self.limit)
+    down = _grouped_mm(activated, self.down_proj, offsets)
+    down_delta = _low_rank(activated, offsets, lora.get("down_proj"))
+    if down_delta is not None:
+        down = down + down_delta
     out = _Unroute.apply(down, self.down_proj_bias, inverse.view(-1, top_k), perm, router_indices, routing_weights)
     return out.to(hidden_states.dtype)
 

@@ -1,6 +1,8 @@
 """The train step under FSDP2 for real: `torchrun --nproc-per-node 2 -m flows.cli step train …` on CPU over gloo,
-full fine-tune (with a resume) and LoRA, on harmony rows built by the real fetch and harmony steps."""
+full fine-tune (with a resume) and LoRA, packed, on harmony rows built by the real fetch and harmony steps; and packed
+vs padded rows under FSDP2 at the model level (tests/fsdp_packing_parity.py)."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +18,10 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny-cpu.yaml"
 TORCHRUN = Path(sys.executable).parent / "torchrun"
-# Small batches keep a step at a few seconds on 2 cores; 2 processes x 2 rows x 2 accumulation = 8 rows a step.
-FAST = ["train.per_device_batch_size=2", "train.grad_accum_steps=2", "train.warmup_ratio=0", "train.lr_scheduler=constant"]
+# Small batches keep a step at a few seconds on 2 cores; 2 processes x 2 packed rows (of up to 512 tokens) x 2
+# accumulation a step. Packed, padding-free, as the FSDP2 profiles train.
+FAST = ["train.per_device_batch_size=2", "train.grad_accum_steps=2", "train.warmup_ratio=0", "train.lr_scheduler=constant",
+        "train.packing=true"]
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +115,19 @@ def test_lora_under_fsdp_trains_every_adapter_and_saves_a_loadable_one(harmony_d
     assert len(lora_b) == 12 and all(v.abs().max() > 0 for v in lora_b.values()), sorted(lora_b)
     base = AutoModelForCausalLM.from_pretrained(tmp_path / output["base_model"])
     PeftModel.from_pretrained(base, tmp_path / output["model_dir"])
+
+
+def test_packed_rows_under_fsdp2_give_the_padded_loss_and_gradients(tmp_path):
+    """2 processes, each its own 3 documents, the model sharded per layer: packed (positions restarting, no attention
+    mask) and padded give the same loss and gradient shards; letting the packed documents see each other does not."""
+    out = tmp_path / "parity.json"
+    proc = subprocess.run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", str(REPO / "tests" / "fsdp_packing_parity.py"),
+                           str(out)], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    result = json.loads(out.read_text())
+    assert result["world_size"] == 2 and result["sharded"], result
+    assert result["grad_shards_nonzero"] == result["grad_shards"], result  # every shard of every parameter learns
+    assert result["packed"] == pytest.approx(result["padded"], rel=1e-6), result
+    assert result["grad_rel_diff_max"] < 1e-4, result
+    assert abs(result["leaky"] - result["padded"]) > 1e-2, result  # the control can tell

@@ -31,14 +31,18 @@ def test_fused_activation_matches_transformers_values_and_gradients():
 
     ours_in, ours_bias = gate_up.clone().requires_grad_(), bias.clone().requires_grad_()
     ref_in, ref_bias = gate_up.clone().requires_grad_(), bias.clone().requires_grad_()
-    ours = _ClampedSwiGLU.apply(ours_in, ours_bias, expert_ids, experts.alpha, experts.limit)
-    ref = GptOssExperts._apply_gate(experts, ref_in + ref_bias[expert_ids])
+    delta = torch.randn_like(gate_up)  # LoRA's low-rank term, added inside
+    delta[0] = 0  # row 0 still meets the clamps exactly
+    ours_delta, ref_delta = delta.clone().requires_grad_(), delta.clone().requires_grad_()
+    ours = _ClampedSwiGLU.apply(ours_in, ours_delta, ours_bias, expert_ids, experts.alpha, experts.limit)
+    ref = GptOssExperts._apply_gate(experts, ref_in + ref_delta + ref_bias[expert_ids])
     ours.backward(grad_out)
     ref.backward(grad_out)
     assert (gate_up.abs() > experts.limit).any()  # the clamps are exercised
     torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ours_in.grad, ref_in.grad, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ours_bias.grad, ref_bias.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours_delta.grad, ref_delta.grad, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("reference", ["eager", "grouped_mm"])
