@@ -471,6 +471,157 @@ def run_train_step(name, rows, device, warmup_steps, timed_steps, tokenizer_dir,
     return result
 
 
+# ---------------------------------------------------------------- (c) Unsloth, in a process of its own
+UNSLOTH_CONFIGS = {"unsloth": "reference", "unsloth_all": "all"}  # name -> unsloth_train.py --trainable
+UNSLOTH_SCRIPT = Path(__file__).resolve().parent / "unsloth_train.py"
+
+
+def prepare_unsloth_inputs(shape, rows, device, tokenizer_dir, ckpt_dir):
+    """Once per checkpoint folder: the random-weight model every other configuration trains (build_model, seed 42,
+    the same shape) saved as bf16 safetensors with the tokenizer's files beside it; and the rows as JSON lines
+    (input_ids + labels: -100 outside the assistant part, what TRL's collator makes of assistant_masks)."""
+    import shutil
+
+    ckpt = Path(ckpt_dir)
+    done = ckpt / ".bench-complete"
+    info = {"ckpt_dir": str(ckpt)}
+    if done.is_file():
+        info["ckpt"] = json.loads(done.read_text()) | {"reused": True}
+        log(f"unsloth: checkpoint {ckpt} already there ({info['ckpt']})")
+    else:
+        if ckpt.exists():
+            shutil.rmtree(ckpt)
+        t0 = time.perf_counter()
+        reset_peak(device)
+        model = build_model(shape, "eager", device, seed=42)  # run_config's model: same seed, shape and dtype
+        tmp = ckpt.with_name(ckpt.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(str(tmp), max_shard_size="5GB")
+        n_params = sum(p.numel() for p in model.parameters())
+        del model
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        for f in Path(tokenizer_dir).iterdir():
+            if f.is_file() and f.name not in ("config.json",):
+                shutil.copy2(f, tmp / f.name)
+        nbytes = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
+        tmp.rename(ckpt)
+        meta = {"seed": 42, "dtype": "bfloat16", "params": n_params, "safetensors_bytes": nbytes,
+                "tokenizer_from": str(tokenizer_dir), "save_s": round(time.perf_counter() - t0, 1)}
+        done.write_text(json.dumps(meta))
+        info["ckpt"] = meta | {"reused": False}
+        log(f"unsloth: saved the bench model to {ckpt}: {meta}")
+    rows_path = ckpt.with_name(ckpt.name + "-rows.jsonl")
+    with open(rows_path, "w") as fh:
+        for r in rows:
+            lab = [t if m else -100 for t, m in zip(r["input_ids"], r["assistant_masks"])]
+            fh.write(json.dumps({"input_ids": r["input_ids"], "labels": lab}) + "\n")
+    info["rows_path"] = str(rows_path)
+    return info
+
+
+def run_unsloth(name, rows, shape, device, warmup_steps, timed_steps, tokenizer_dir, ckpt_dir, site, work_dir,
+                timeout_s, out_dir, python=sys.executable):
+    """(c): bench/unsloth_train.py in a new process with PYTHONPATH=site alone (Unsloth's wheels over the machine's
+    own transformers 5.17 and torch), cwd work_dir (where Unsloth keeps unsloth_compiled_cache: the second
+    configuration finds the first one's), killed after timeout_s. Its JSON result is returned; a failure returns the
+    error, the return code and its last output lines, so the other configurations' results stay."""
+    import collections
+    import signal
+    import subprocess
+    import threading
+
+    t0 = time.perf_counter()
+    result = {"name": name, "tool": "unsloth", "trainable_set": UNSLOTH_CONFIGS[name], "model_freed": True}
+    try:
+        result["inputs"] = prepare_unsloth_inputs(shape, rows, device, tokenizer_dir, ckpt_dir)
+    except Exception as e:  # noqa: BLE001  (disk full, ...): this configuration fails, the others go on
+        log(f"{name}: preparing the checkpoint failed: {e!r}")
+        result["error"] = f"checkpoint/rows: {type(e).__name__}: {str(e)[:500]}"
+        return result
+    result_json = Path(out_dir) / f"{name}.json"
+    result_json.unlink(missing_ok=True)
+    Path(work_dir).mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update({"PYTHONPATH": str(site), "PYTHONUNBUFFERED": "1", "NCCL_NVLS_ENABLE": "0",
+                "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1", "HF_HUB_OFFLINE": "1"})
+    cmd = [python, str(UNSLOTH_SCRIPT), "--model-dir", result["inputs"]["ckpt_dir"],
+           "--rows", result["inputs"]["rows_path"], "--trainable", UNSLOTH_CONFIGS[name], "--out", str(result_json),
+           "--warmup-steps", str(warmup_steps), "--timed-steps", str(timed_steps), "--launch-unix", f"{time.time():.3f}"]
+    if device != "cuda":
+        cmd.append("--cpu-smoke")
+    log(f"{name}: PYTHONPATH={site} cwd={work_dir} timeout {timeout_s:.0f}s: {' '.join(cmd)}")
+    tail = collections.deque(maxlen=40)
+    launch = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, cwd=str(work_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            bufsize=1, start_new_session=True)
+
+    def pump():
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            tail.append(line)
+            print(f"  [{name}] {line}", flush=True)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    timed_out = False
+    try:
+        rc = proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        log(f"{name}: still running after {timeout_s:.0f}s; stopping it (process group {proc.pid})")
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            rc = proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            rc = proc.wait()
+    reader.join(timeout=10)
+    child_wall = time.perf_counter() - launch
+    if result_json.is_file():
+        try:
+            child = json.loads(result_json.read_text())
+        except ValueError as e:
+            child = {"error": f"unreadable result JSON: {e}"}
+        for k in ("loss_by_step", "grad_norm_by_step"):
+            if isinstance(child.get(k), dict):
+                child[k] = {int(s): v for s, v in child[k].items()}
+        result.update(child)
+    result.update({"returncode": rc, "timed_out": timed_out, "subprocess_wall_s": round(child_wall, 1),
+                   "wall_incl_prepare_s": round(time.perf_counter() - t0, 1), "pythonpath": str(site),
+                   "result_json": str(result_json), "model_freed": True})
+    if timed_out:
+        result["error"] = f"timed out after {timeout_s:.0f}s" + (f" ({result['error']})" if "error" in result else "")
+    elif rc != 0 and "error" not in result:
+        result["error"] = f"exit code {rc}" + ("" if result_json.is_file() else ", no result JSON")
+    if "error" in result or rc != 0:
+        result["log_tail"] = list(tail)
+        log(f"{name} FAILED: {result['error']}; its last lines:\n" + "\n".join(f"    {x}" for x in list(tail)[-25:]))
+    return result
+
+
+def settings_line(r):
+    """What a configuration ran, in a few words (the table's settings column)."""
+    if r.get("tool") == "unsloth":
+        s = r.get("settings", {})
+        return (f"Unsloth {r.get('versions', {}).get('unsloth')} (transformers {r.get('versions', {}).get('transformers')},"
+                f" TRL {r.get('versions', {}).get('trl')}, PEFT {r.get('versions', {}).get('peft')}); 16-bit LoRA r=8/16, "
+                f"{s.get('layout', 'padded 4x4')}, max_length {s.get('max_length', 2048)}, checkpointing 'unsloth', "
+                f"{s.get('optim', '?')}, experts of {r.get('trainable_set')} layers")
+    if "profile" in r:
+        return f"finetune step train {Path(r['profile']).name}: {r.get('attn')}, packed={r.get('packing')} " \
+               f"{r.get('per_device_batch')}x{r.get('grad_accum')}, max_length {r.get('max_length')}, " \
+               f"ckpt={r.get('grad_ckpt')}, liger={r.get('liger')}"
+    if "attn" in r:
+        return f"TRL SFTTrainer + PEFT: {r['attn']}, {'packed' if r.get('packing') else 'padded'} " \
+               f"{r.get('per_device_batch')}x{r.get('grad_accum')}, max_length {r.get('max_length')}, " \
+               f"ckpt={r.get('grad_ckpt')}, liger={r.get('liger')}"
+    return ""
+
+
 def device_name(device):
     return torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
 
@@ -501,6 +652,15 @@ def main():
                     "expert path of main at 53b72cc (bench/experts_53b72cc.py) instead of steps/modeling.py's")
     ap.add_argument("--peft-experts", default="", help="comma-separated step configurations to run with PEFT's own "
                     "expert LoRA (W + scale * A @ B built per forward) instead of steps.modeling.lora_experts")
+    ap.add_argument("--unsloth-site", default="/tmp/site-unsloth", help="configurations unsloth/unsloth_all: the "
+                    "PYTHONPATH of their process (.whl-unsloth/ installed with pip --target), alone")
+    ap.add_argument("--ckpt-dir", default="/tmp/bench-ckpt", help="unsloth*: the bench model saved here as bf16 "
+                    "safetensors (once; reused when complete)")
+    ap.add_argument("--unsloth-work-dir", default="/tmp/bench-unsloth-work", help="unsloth*: cwd of the process "
+                    "(Unsloth's unsloth_compiled_cache lands there)")
+    ap.add_argument("--unsloth-timeout-s", type=float, default=300, help="unsloth*: kill the process after this")
+    ap.add_argument("--unsloth-python", default=sys.executable, help="unsloth*: the interpreter (default this one: "
+                    "on the device the image's python3, whose own site-packages hold transformers 5.17)")
     a = ap.parse_args()
     variants = {}
     for v in a.step_variant:
@@ -520,9 +680,16 @@ def main():
     recompiles = RecompileLimitCounter()
     logging.getLogger("torch._dynamo").addHandler(recompiles)
 
-    import peft, transformers, trl
+    import accelerate, datasets, peft, transformers, trl
     versions = {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
-                "peft": peft.__version__, "device": device_name(device)}
+                "peft": peft.__version__, "accelerate": accelerate.__version__, "datasets": datasets.__version__,
+                "device": device_name(device)}
+    with contextlib.suppress(Exception):
+        from importlib import metadata
+        versions["liger_kernel"] = metadata.version("liger-kernel")
+    with contextlib.suppress(Exception):
+        import triton
+        versions["triton"] = triton.__version__
     log(f"versions {versions}")
     rows = synthetic_rows(a.rows, FIRST_SPECIAL_ID, seed=1234, max_len=2048, scale=0.1 if a.tiny else 1.0)
     lens = np.array([len(r["input_ids"]) for r in rows])
@@ -597,6 +764,15 @@ def main():
                                      a.step_override + variants.get(name, []), profile_to)
             res["expert_path"] = "main 53b72cc" if name in a.baseline_experts.split(",") else "this checkout"
             res["expert_lora"] = "PEFT (W + BA per forward)" if name in a.peft_experts.split(",") else "lora_experts"
+        elif name in UNSLOTH_CONFIGS:
+            log(f"=== {name} (Unsloth, experts of {UNSLOTH_CONFIGS[name]} layers, own process)")
+            if a.tokenizer_dir is None:
+                from steps.tokenizer import offline_tokenizer_dir
+                a.tokenizer_dir = str(offline_tokenizer_dir())
+            res = run_unsloth(name, rows, shape, device, a.warmup_steps, a.timed_steps, a.tokenizer_dir, a.ckpt_dir,
+                              a.unsloth_site, a.unsloth_work_dir, a.unsloth_timeout_s, out, a.unsloth_python)
+            if "versions" in res:
+                summary.setdefault("versions_by_tool", {})["unsloth"] = res["versions"]
         else:
             log(f"=== {name} {CONFIGS[name]}")
             res = run_config(name, CONFIGS[name], shape, rows, device, a.warmup_steps, a.timed_steps, 42, tokenizer)
@@ -614,15 +790,23 @@ def main():
     summary["recompile_limit_hits"] = recompiles.hits
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     ref = summary["configs"].get("ref", {})
-    print("\n| config | tokens/s | x ref | peak GiB | step s | first step s | loss@steps |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"\nversions (our stack and the reference): {json.dumps(versions)}")
+    for tool, v in summary.get("versions_by_tool", {}).items():
+        print(f"versions ({tool}, its own process): {json.dumps(v)}")
+    print("\n| config | tool, settings | trainable M | tokens/s | x ref | peak GiB | step s | first step s "
+          "| start -> step 1 s | loss@steps |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, r in summary["configs"].items():
+        tr = r.get("trainable_params")
+        tr = f"{tr / 1e6:.2f}" if tr else ""
         if "tokens_per_s" not in r:
-            print(f"| {name} | {r.get('error') or r.get('skipped')} | | {r.get('peak_gib')} | | | |")
+            print(f"| {name} | {settings_line(r)} | {tr} | {(r.get('error') or r.get('skipped') or '')[:200]} | | "
+                  f"{r.get('peak_gib')} | | | | |")
             continue
         x = r["tokens_per_s"] / ref["tokens_per_s"] if ref.get("tokens_per_s") else float("nan")
         ls = ", ".join(f"{k}:{v:.4f}" for k, v in sorted(r["loss_by_step"].items())[:4])
-        print(f"| {name} | {r['tokens_per_s']:.0f} | {x:.2f} | {r['peak_gib']} | {r['step_s']} | {r['first_step_s']} | {ls} |")
+        print(f"| {name} | {settings_line(r)} | {tr} | {r['tokens_per_s']:.0f} | {x:.2f} | {r['peak_gib']} | "
+              f"{r['step_s']} | {r['first_step_s']} | {r.get('process_start_to_first_step_s', '')} | {ls} |")
     if "parity" in summary:
         p = summary["parity"]
         print("parity vs eager padded: | way | rel diff of mean NLL | per-token NLL rel L2 | hidden rel L2 |")
