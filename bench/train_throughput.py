@@ -659,6 +659,8 @@ def main():
     ap.add_argument("--unsloth-work-dir", default="/tmp/bench-unsloth-work", help="unsloth*: cwd of the process "
                     "(Unsloth's unsloth_compiled_cache lands there)")
     ap.add_argument("--unsloth-timeout-s", type=float, default=300, help="unsloth*: kill the process after this")
+    ap.add_argument("--stop-by-s", type=float, help="unsloth*: every Unsloth process ends by this many seconds after "
+                    "the start (its timeout shrinks to fit), so a call's own limit never cuts the summary")
     ap.add_argument("--unsloth-python", default=sys.executable, help="unsloth*: the interpreter (default this one: "
                     "on the device the image's python3, whose own site-packages hold transformers 5.17)")
     a = ap.parse_args()
@@ -769,8 +771,11 @@ def main():
             if a.tokenizer_dir is None:
                 from steps.tokenizer import offline_tokenizer_dir
                 a.tokenizer_dir = str(offline_tokenizer_dir())
+            timeout = a.unsloth_timeout_s
+            if a.stop_by_s is not None:
+                timeout = max(30.0, min(timeout, a.stop_by_s - (time.perf_counter() - t_start)))
             res = run_unsloth(name, rows, shape, device, a.warmup_steps, a.timed_steps, a.tokenizer_dir, a.ckpt_dir,
-                              a.unsloth_site, a.unsloth_work_dir, a.unsloth_timeout_s, out, a.unsloth_python)
+                              a.unsloth_site, a.unsloth_work_dir, timeout, out, a.unsloth_python)
             if "versions" in res:
                 summary.setdefault("versions_by_tool", {})["unsloth"] = res["versions"]
         else:
