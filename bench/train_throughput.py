@@ -609,8 +609,9 @@ def settings_line(r):
         s = r.get("settings", {})
         return (f"Unsloth {r.get('versions', {}).get('unsloth')} (transformers {r.get('versions', {}).get('transformers')},"
                 f" TRL {r.get('versions', {}).get('trl')}, PEFT {r.get('versions', {}).get('peft')}); 16-bit LoRA r=8/16, "
-                f"{s.get('layout', 'padded 4x4')}, max_length {s.get('max_length', 2048)}, checkpointing 'unsloth', "
-                f"{s.get('optim', '?')}, experts of {r.get('trainable_set')} layers")
+                f"{s.get('layout', 'padded 4x4')}, max_length {s.get('max_length', 2048)}, checkpointing "
+                f"{s.get('gradient_checkpointing', 'unsloth')}, {s.get('optim', '?')}, expert LoRA in layers "
+                f"{r.get('expert_lora_layers_found') or ('7/15/23' if r.get('trainable_set') == 'reference' else 'all')}")
     if "profile" in r:
         return f"finetune step train {Path(r['profile']).name}: {r.get('attn')}, packed={r.get('packing')} " \
                f"{r.get('per_device_batch')}x{r.get('grad_accum')}, max_length {r.get('max_length')}, " \
@@ -783,7 +784,7 @@ def main():
             res = run_config(name, CONFIGS[name], shape, rows, device, a.warmup_steps, a.timed_steps, 42, tokenizer)
         res["wall_s"] = round(time.perf_counter() - t_start - elapsed, 1)
         res["recompile_limit_hits_so_far"] = list(recompiles.hits)
-        log(json.dumps(res))
+        log(json.dumps({k: v for k, v in res.items() if k not in ("traceback", "log_tail")}))
         summary["configs"][name] = res
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         if not res["model_freed"]:

@@ -29,7 +29,8 @@ Offline: HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE / HF_DATASETS_OFFLINE, UNSLOTH_DI
 use_exact_model_name (no name mapping: the mapper update it fetches from GitHub), local_files_only; and a socket guard
 that refuses (and records) any connection or DNS lookup to a host other than this one, so nothing waits on a network.
 NVLink multicast off (NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1), forced.
---cpu-smoke: no GPU; Unsloth's CPU backend (a different code path: FastCPUModel), fp32, to test this script's own code.
+--cpu-smoke: no GPU (train_throughput.py --tiny): Unsloth's GPU code path on a CPU (UNSLOTH_ALLOW_CPU, device properties
+stood in), plain checkpointing; load, LoRA and trainer set-up run, training stops at the first Triton kernel.
 """
 import time
 
@@ -164,6 +165,21 @@ class PaddedCollator:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def cpu_smoke_shims(torch):
+    """--cpu-smoke only: UNSLOTH_ALLOW_CPU makes Unsloth take its GPU code path on a CPU (load, gpt-oss patches, LoRA,
+    trainer set-up), which asks for device properties only a GPU has; these stand-ins answer. Training itself then
+    stops at the first Triton kernel (no GPU driver)."""
+    os.environ["UNSLOTH_ALLOW_CPU"] = "1"
+
+    class Props:
+        name, total_memory, major, minor, multi_processor_count, gcnArchName = "cpu-smoke", 24 * GIB, 9, 0, 2, ""
+
+    torch.cuda.get_device_properties = lambda *a, **k: Props()
+    torch.cuda.mem_get_info = lambda *a, **k: (20 * GIB, 24 * GIB)
+    torch.cuda.max_memory_reserved = lambda *a, **k: 0
+    torch.cuda.memory_reserved = lambda *a, **k: 0
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model-dir", required=True, help="bf16 safetensors checkpoint folder, tokenizer files inside")
@@ -180,7 +196,7 @@ def main():
                     "does not load (recorded in the JSON)")
     ap.add_argument("--expert-layers", default="7,15,23", help="--trainable reference: the layers whose experts train")
     ap.add_argument("--launch-unix", type=float, help="the parent's clock just before it started this process")
-    ap.add_argument("--cpu-smoke", action="store_true", help="no GPU: Unsloth's CPU backend, fp32 (tests this script)")
+    ap.add_argument("--cpu-smoke", action="store_true", help="no GPU: Unsloth's GPU code path on a CPU up to training (tests this script)")
     a = ap.parse_args()
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -202,10 +218,10 @@ def main():
         log(f"{name}: {result['phases_s'][name]}s")
 
     try:
-        if a.cpu_smoke:
-            os.environ["UNSLOTH_ALLOW_CPU"] = "1"
         t = time.perf_counter()
         import torch
+        if a.cpu_smoke:
+            cpu_smoke_shims(torch)
 
         import unsloth  # noqa: F401  (first: it patches transformers, TRL and PEFT)
         from unsloth import FastLanguageModel
@@ -347,7 +363,7 @@ def main():
                     grad_norms[state.global_step] = float(logs["grad_norm"])
 
         sft = dict(
-            output_dir=str(out.parent / f"trainer-{result['name']}"), per_device_train_batch_size=a.batch,
+            output_dir=str(Path.cwd() / f"trainer-{result['name']}"), per_device_train_batch_size=a.batch,
             gradient_accumulation_steps=a.grad_accum, num_train_epochs=1, learning_rate=a.lr,
             warmup_steps=5, lr_scheduler_type="linear", optim=optim, weight_decay=0.001, seed=3407,
             logging_steps=1, report_to="none", save_strategy="no", max_length=a.max_length, packing=False,

@@ -8,7 +8,7 @@
 # dill, multiprocess, liger-kernel), .whl-unsloth/ (bench/unsloth_wheels.py: unsloth 2026.10.9 without studio/,
 # unsloth_zoo 2026.10.9, bitsandbytes 0.50.2 with its cuda130 library only, trl 1.15.0, peft 0.21.2, datasets 4.8.5,
 # dill, multiprocess, tyro, docstring_parser, typeguard, cut_cross_entropy, torchao 0.18.0, msgspec) and
-# .benchdata/tokenizer (steps.tokenizer.offline_tokenizer_dir()). Comes back: $OUT/u/{bench.log, summary.json,
+# .benchdata/tokenizer.tgz (steps.tokenizer.offline_tokenizer_dir(), packed). Comes back: $OUT/u/{bench.log, summary.json,
 # unsloth.json, unsloth_all.json}, $OUT/pip-unsloth.log.
 set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
@@ -18,6 +18,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site-unsloth .whl-unsloth/*.whl > $OUT/pip-unsloth.log 2>&1 || { tail -20 $OUT/pip-unsloth.log; exit 3; }
 mkdir -p /tmp/site/gpt_oss_finetune-0.1.0.dist-info  # flows.cli reads its own version from the installed metadata
 printf "Metadata-Version: 2.1\nName: gpt-oss-finetune\nVersion: 0.1.0\n" > /tmp/site/gpt_oss_finetune-0.1.0.dist-info/METADATA
+tar xzf .benchdata/tokenizer.tgz -C .benchdata
 df -h /tmp | tail -1; free -g | head -2
 export PYTHONPATH=/tmp/site:$PWD
 timeout 540 python3 bench/train_throughput.py --out $OUT/u --configs unsloth,unsloth_all --no-parity \
