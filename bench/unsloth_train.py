@@ -17,9 +17,9 @@ What it does, with Unsloth's own gpt-oss notebook settings where it has one:
     all:       the notebook's target_modules (q/k/v/o + gate/up/down), which Unsloth maps to the experts of all 24
                layers (92.45 M with our PEFT).
 - TRL's SFTTrainer as Unsloth patches it (imported after unsloth), SFTConfig with the notebook's optimizer settings
-  (adamw_8bit, weight_decay 0.001, linear schedule, seed 3407), lr 2e-4, bf16; padded batches 4 x grad-accum 4 of the
-  parent's rows (input_ids + labels, right-padded, attention mask), max length 2048, the schedule of one epoch; stops
-  after warm-up + timed optimizer steps.
+  (adamw_8bit, weight_decay 0.001, linear schedule, warm-up 5 steps, seed 3407), lr 2e-4, bf16; padded batches 4 x
+  grad-accum 4 of the parent's rows (input_ids + labels, right-padded, attention mask), max length 2048;
+  max_steps = warm-up + timed optimizer steps (so the linear schedule spans those steps, not the epoch).
 - Tokens counted exactly: the collator is ours, wrapped; it counts the non-pad tokens (and loss tokens) of every
   micro-batch the trainer consumes.
 - Writes one JSON (--out): settings, every package version, trainable parameters, process start -> end of step 1
@@ -174,10 +174,31 @@ def cpu_smoke_shims(torch):
     class Props:
         name, total_memory, major, minor, multi_processor_count, gcnArchName = "cpu-smoke", 24 * GIB, 9, 0, 2, ""
 
-    torch.cuda.get_device_properties = lambda *a, **k: Props()
+    torch.cuda.get_device_properties = lambda *a, **k: Props()  # noqa: E731
     torch.cuda.mem_get_info = lambda *a, **k: (20 * GIB, 24 * GIB)
     torch.cuda.max_memory_reserved = lambda *a, **k: 0
     torch.cuda.memory_reserved = lambda *a, **k: 0
+
+
+class PlainLogProb:
+    """--cpu-smoke only: TRL 1.15's fused LM head + log-prob (a Triton kernel) in plain torch, so a CPU can train."""
+
+    @staticmethod
+    def apply(hidden, weight, bias, labels, temperature, chunk_size, softcap, logit_scale, outputs):
+        import torch
+
+        logits = torch.nn.functional.linear(hidden, weight, bias).float()
+        if logit_scale is not None:
+            logits = logits * logit_scale
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        logp = torch.log_softmax(logits / (temperature or 1.0), dim=-1)
+        token = logp.gather(-1, labels[:, None]).squeeze(-1)
+        with torch.no_grad():
+            p = logp.exp()
+            entropy, sq = -(p * logp).sum(-1), (p * p).sum(-1).log()
+            top1 = logits.argmax(-1) == labels
+        return token, entropy, sq, logits.mean(-1).detach(), top1
 
 
 def main():
@@ -228,6 +249,9 @@ def main():
         from datasets import Dataset
         from transformers import TrainerCallback
         from trl import SFTConfig, SFTTrainer
+        if a.cpu_smoke:
+            import trl.trainer.utils
+            trl.trainer.utils._ChunkedLogProbFunction = PlainLogProb
         phase("imports", t)
         result["versions"] = versions()
         result["package_paths"] = package_paths()
@@ -243,10 +267,11 @@ def main():
             try:
                 import bitsandbytes.functional as bnbf
                 bnb_lib = getattr(bnbf, "lib", None)
-                ok = cuda and bnb_lib is not None and hasattr(bnb_lib, "cadam32bit_grad_fp32")
+                # a failed load leaves ErrorHandlerMockBNBNativeLibrary, whose every attribute raises when called
+                ok = cuda and type(bnb_lib).__name__ == "CudaBNBNativeLibrary"
             except Exception as e:  # noqa: BLE001
                 ok, bnb_lib = False, repr(e)
-            result["bitsandbytes_native_lib"] = str(getattr(bnb_lib, "_name", bnb_lib))
+            result["bitsandbytes_native_lib"] = f"{type(bnb_lib).__name__}: {getattr(getattr(bnb_lib, '_lib', None), '_name', bnb_lib)}"
             if not ok:
                 log(f"bitsandbytes' CUDA library is not usable ({result['bitsandbytes_native_lib']}); optim adamw_torch")
                 result["optim_fallback"] = f"{optim} -> adamw_torch (bitsandbytes native library not usable)"
@@ -365,6 +390,8 @@ def main():
         sft = dict(
             output_dir=str(Path.cwd() / f"trainer-{result['name']}"), per_device_train_batch_size=a.batch,
             gradient_accumulation_steps=a.grad_accum, num_train_epochs=1, learning_rate=a.lr,
+            # max_steps too (not only the callback's stop): Unsloth runs its own rewrite of the training loop
+            max_steps=stop_at,
             warmup_steps=5, lr_scheduler_type="linear", optim=optim, weight_decay=0.001, seed=3407,
             logging_steps=1, report_to="none", save_strategy="no", max_length=a.max_length, packing=False,
             padding_free=False, bf16=cuda, fp16=False, dataloader_num_workers=0, disable_tqdm=True,
