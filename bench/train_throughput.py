@@ -476,6 +476,15 @@ UNSLOTH_CONFIGS = {"unsloth": "reference", "unsloth_all": "all"}  # name -> unsl
 UNSLOTH_SCRIPT = Path(__file__).resolve().parent / "unsloth_train.py"
 
 
+def _param_count_estimate(shape):
+    """Parameters of GptOss at `shape` (embeddings, LM head, attention with biases and sinks, router, experts)."""
+    h, inter, e, v = shape["hidden_size"], shape["intermediate_size"], shape["num_local_experts"], shape["vocab_size"]
+    q, kv = shape["num_attention_heads"] * shape["head_dim"], shape["num_key_value_heads"] * shape["head_dim"]
+    attn = h * q + q + 2 * (h * kv + kv) + q * h + h + shape["num_attention_heads"]
+    experts = e * (h * 2 * inter + 2 * inter + inter * h + h) + e * h + e
+    return 2 * v * h + h + shape["num_hidden_layers"] * (attn + experts + 2 * h)
+
+
 def prepare_unsloth_inputs(shape, rows, device, tokenizer_dir, ckpt_dir):
     """Once per checkpoint folder: the random-weight model every other configuration trains (build_model, seed 42,
     the same shape) saved as bf16 safetensors with the tokenizer's files beside it; and the rows as JSON lines
@@ -483,6 +492,9 @@ def prepare_unsloth_inputs(shape, rows, device, tokenizer_dir, ckpt_dir):
     import shutil
 
     ckpt = Path(ckpt_dir)
+    shm_ckpt = Path("/dev/shm") / ckpt.name  # where it goes when ckpt_dir's disk is too small (below)
+    if not (ckpt / ".bench-complete").is_file() and (shm_ckpt / ".bench-complete").is_file():
+        ckpt = shm_ckpt
     done = ckpt / ".bench-complete"
     info = {"ckpt_dir": str(ckpt)}
     if done.is_file():
@@ -491,6 +503,20 @@ def prepare_unsloth_inputs(shape, rows, device, tokenizer_dir, ckpt_dir):
     else:
         if ckpt.exists():
             shutil.rmtree(ckpt)
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        need = 2 * _param_count_estimate(shape) * 1.05  # bf16, 5 % headroom
+        free = shutil.disk_usage(ckpt.parent).free
+        shm = Path("/dev/shm")
+        if free < need and shm.is_dir() and shutil.disk_usage(shm).free > need + 16e9:
+            log(f"unsloth: {ckpt.parent} has {free / 1e9:.1f} GB free, the checkpoint needs {need / 1e9:.1f}: "
+                f"writing it to {shm} (memory) instead")
+            ckpt = shm_ckpt
+            done = ckpt / ".bench-complete"
+            info["ckpt_dir"] = str(ckpt)
+            if ckpt.exists():
+                shutil.rmtree(ckpt)
+        elif free < need:
+            raise OSError(f"{ckpt.parent}: {free / 1e9:.1f} GB free, the bf16 checkpoint needs ~{need / 1e9:.1f} GB")
         t0 = time.perf_counter()
         reset_peak(device)
         model = build_model(shape, "eager", device, seed=42)  # run_config's model: same seed, shape and dtype

@@ -30,7 +30,7 @@ use_exact_model_name (no name mapping: the mapper update it fetches from GitHub)
 that refuses (and records) any connection or DNS lookup to a host other than this one, so nothing waits on a network.
 NVLink multicast off (NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1), forced.
 --cpu-smoke: no GPU (train_throughput.py --tiny): Unsloth's GPU code path on a CPU (UNSLOTH_ALLOW_CPU, device properties
-stood in), plain checkpointing; load, LoRA and trainer set-up run, training stops at the first Triton kernel.
+stood in, TRL's Triton LM-head kernel in plain torch), plain checkpointing, no 8-bit Adam: slow (minutes per step).
 """
 import time
 
@@ -167,8 +167,8 @@ class PaddedCollator:
 
 def cpu_smoke_shims(torch):
     """--cpu-smoke only: UNSLOTH_ALLOW_CPU makes Unsloth take its GPU code path on a CPU (load, gpt-oss patches, LoRA,
-    trainer set-up), which asks for device properties only a GPU has; these stand-ins answer. Training itself then
-    stops at the first Triton kernel (no GPU driver)."""
+    trainer set-up), which asks for device properties only a GPU has; these stand-ins answer (and PlainLogProb stands
+    in for TRL's Triton LM-head kernel)."""
     os.environ["UNSLOTH_ALLOW_CPU"] = "1"
 
     class Props:
@@ -287,9 +287,7 @@ def main():
         gc_mode = "unsloth" if cuda else True
         load_kwargs = dict(model_name=a.model_dir, max_seq_length=a.max_length, dtype=dtype, load_in_4bit=False,
                            load_in_8bit=False, load_in_16bit=True, full_finetuning=False,
-                           use_gradient_checkpointing=gc_mode, local_files_only=True)
-        if not a.cpu_smoke:
-            load_kwargs["use_exact_model_name"] = True
+                           use_gradient_checkpointing=gc_mode, local_files_only=True, use_exact_model_name=True)
         model, tokenizer = FastLanguageModel.from_pretrained(**load_kwargs)
         phase("load", t)
         cfg = model.config
