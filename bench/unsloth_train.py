@@ -215,6 +215,8 @@ def main():
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--optim", default="adamw_8bit", help="the notebook's; adamw_torch if bitsandbytes' CUDA library "
                     "does not load (recorded in the JSON)")
+    ap.add_argument("--router-aux-loss-coef", type=float, default=0.0, help="0: the same loss as the other "
+                    "configurations (TRL would take gpt-oss's 0.9 from its config)")
     ap.add_argument("--expert-layers", default="7,15,23", help="--trainable reference: the layers whose experts train")
     ap.add_argument("--launch-unix", type=float, help="the parent's clock just before it started this process")
     ap.add_argument("--cpu-smoke", action="store_true", help="no GPU: Unsloth's GPU code path on a CPU up to training (tests this script)")
@@ -394,6 +396,8 @@ def main():
             logging_steps=1, report_to="none", save_strategy="no", max_length=a.max_length, packing=False,
             padding_free=False, bf16=cuda, fp16=False, dataloader_num_workers=0, disable_tqdm=True,
             remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True},
+            # TRL 1.15 turns gpt-oss's router aux loss on from the config (0.9); off, as in every other configuration
+            router_aux_loss_coef=a.router_aux_loss_coef,
         )
         if not cuda:
             sft["use_cpu"] = True
