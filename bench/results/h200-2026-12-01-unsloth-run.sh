@@ -21,7 +21,7 @@ printf "Metadata-Version: 2.1\nName: gpt-oss-finetune\nVersion: 0.1.0\n" > /tmp/
 tar xzf .benchdata/tokenizer.tgz -C .benchdata
 df -h /tmp | tail -1; free -g | head -2
 export PYTHONPATH=/tmp/site:$PWD
-timeout 540 python3 bench/train_throughput.py --out $OUT/u --configs unsloth,unsloth_all --no-parity \
+timeout 540 python3 bench/train_throughput.py --out $OUT/u --configs unsloth_all,unsloth --no-parity \
   --warmup-steps 2 --timed-steps 6 --tokenizer-dir $PWD/.benchdata/tokenizer --ckpt-dir /tmp/bench-ckpt \
   --unsloth-site /tmp/site-unsloth --unsloth-work-dir /tmp/bench-unsloth-work --unsloth-timeout-s 260 \
   --stop-by-s 520 --deadline-s 480 2>&1 | tee $OUT/u/bench.log
