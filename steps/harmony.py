@@ -268,16 +268,32 @@ def _stats(lengths: list[int]) -> dict:
             "max": ordered[-1]}
 
 
+LOG_SCALE_SPAN = 20  # longest / shortest row from which token_lengths.png uses a log axis
+
+
+def uses_log_scale(lengths: list[int]) -> bool:
+    return max(lengths) >= LOG_SCALE_SPAN * max(min(lengths), 1)
+
+
 def _histogram(lengths: list[int], max_length: int, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    import numpy as np
+
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.hist(lengths, bins=min(50, max(10, len(set(lengths)))), color="#4477aa")
+    num_bins = min(50, max(10, len(set(lengths))))
+    # Lengths that span orders of magnitude (a few long documents among short chats) on a log axis, log-spaced bins.
+    spans_decades = uses_log_scale(lengths)
+    bins = np.geomspace(max(min(lengths), 1), max(lengths) + 1, num_bins + 1) if spans_decades else num_bins
+    ax.hist(lengths, bins=bins, color="#4477aa")
+    if spans_decades:
+        ax.set_xscale("log")
     ax.axvline(max_length, color="#cc3311", linestyle="--", label=f"max_length={max_length}")
-    ax.set_xlabel("tokens per row (Harmony-rendered)")
+    ax.set_title(f"{len(lengths)} rows, {min(lengths)}–{max(lengths)} tokens")
+    ax.set_xlabel("tokens per row (Harmony-rendered)" + (", log scale" if spans_decades else ""))
     ax.set_ylabel("rows")
     ax.legend()
     fig.tight_layout()

@@ -52,6 +52,8 @@ class Progress(TrainerCallback):
         self.tracker, self.device = tracker, device
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.loss_curve: list[list[float]] = []
+        self.lr_curve: list[list[float]] = []  # [step, learning rate] at every logging step (loss_curve.png)
+        self.eval_curve: list[list[float]] = []  # [step, eval loss] whenever the Trainer evaluates
         self.intervals: list[tuple[float, float]] = []  # (tokens, seconds) per log
 
     def _sync(self):
@@ -85,7 +87,9 @@ class Progress(TrainerCallback):
         self.mark_s = time.perf_counter()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if "loss" not in logs:  # the end-of-training summary log
+        if "eval_loss" in logs:
+            self.eval_curve.append([state.global_step, float(logs["eval_loss"])])
+        if "loss" not in logs:  # the end-of-training summary log, or an evaluation's
             return
         metrics = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if "num_tokens" in logs and self.busy_s > 0:
@@ -98,6 +102,8 @@ class Progress(TrainerCallback):
         metrics["peak_mem_gib"] = peak_mem_gib(self.device)
         self.tracker.log_metrics(metrics, step=state.global_step)
         self.loss_curve.append([state.global_step, metrics["loss"]])
+        if "learning_rate" in metrics:
+            self.lr_curve.append([state.global_step, metrics["learning_rate"]])
         eta_s = self.eta_s(state, time.perf_counter())
         log.info("train: step %d/%d loss %.4f grad_norm %.3f lr %.2e %.0f tokens/s%s peak %.1f GiB ETA %.0f s",
                  state.global_step, state.max_steps, metrics["loss"], metrics.get("grad_norm", math.nan),

@@ -483,7 +483,9 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
     tracker.log_metrics({"train_runtime_s": output.train_runtime_s, "train_tokens_per_s": output.tokens_per_s,
                          "train_peak_mem_gib": output.peak_mem_gib})
     if is_main:
-        _plot_loss(output.loss_curve, out_dir / "loss_curve.png")
+        _plot_loss(progress, out_dir / "loss_curve.png",
+                   title=f"{out_dir.resolve().parent.name}/{out_dir.name}, profile {os.environ.get('FINETUNE_PROFILE', '?')}: "
+                         f"{cfg.method} fine-tune of {cfg.model.name}")
         tracker.log_artifact(out_dir / "loss_curve.png")
     log.info("train: %d steps in %.0f s, loss %.4f -> %.4f, %.0f tokens/s, peak %.1f GiB; saved %s",
              output.num_steps, output.train_runtime_s, output.train_loss_first, output.train_loss_last,
@@ -491,16 +493,28 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
     return output
 
 
-def _plot_loss(loss_curve: list, path: Path) -> None:
+def _plot_loss(progress, path: Path, *, title: str) -> None:
+    """Training loss per step, the learning rate on a second axis, and the eval loss where the Trainer evaluated."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([s for s, _ in loss_curve], [loss for _, loss in loss_curve])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([s for s, _ in progress.loss_curve], [loss for _, loss in progress.loss_curve], color="#4477aa",
+            label="training loss")
+    if progress.eval_curve:
+        ax.plot([s for s, _ in progress.eval_curve], [loss for _, loss in progress.eval_curve], "o-", color="#228833",
+                label="eval loss")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("loss")
+    lr_ax = ax.twinx()
+    lr_ax.plot([s for s, _ in progress.lr_curve], [lr for _, lr in progress.lr_curve], color="#cc6677", alpha=0.7,
+               linestyle="--", label="learning rate")
+    lr_ax.set_ylabel("learning rate")
+    lines = ax.get_legend_handles_labels(), lr_ax.get_legend_handles_labels()
+    ax.legend(lines[0][0] + lines[1][0], lines[0][1] + lines[1][1], loc="upper right")
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
