@@ -156,10 +156,12 @@ def _on_ctrl_c(cleaned_up: threading.Event):
 
 class _NoTracebackForUserErrors(logging.Filter):
     """Prefect logs a failed task's and flow's exception with its traceback. A ValueError is a user error whose message
-    names the field and the fix, which the CLI prints as its last line: 25 lines of engine frames only bury it."""
+    names the field and the fix, which the CLI prints as its last line: 25 lines of engine frames only bury it. The same
+    for a step stopped at its orchestration.timeout_s: a limit the profile set, not a bug."""
 
     def filter(self, record):
-        if record.exc_info and isinstance(record.exc_info[1], ValueError):
+        if record.exc_info and (isinstance(record.exc_info[1], ValueError)
+                                or type(record.exc_info[1]).__name__ == "StepTimedOut"):
             record.exc_info, record.exc_text = None, None
         return True
 
@@ -187,6 +189,7 @@ def cmd_check(args) -> None:
         for step, cfg in configs.items():
             resolved[profiles.SECTION_OF_STEP[step]] = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "model"}
         resolved["tracking"] = dataclasses.asdict(profiles.tracking_config(profile))
+        resolved["orchestration"] = dataclasses.asdict(profiles.orchestration_config(profile))
         print(yaml.safe_dump(resolved, sort_keys=False, default_flow_style=False, width=120), end="")
         return
     print(f"{args.config}: valid ({', '.join(configs)})")
@@ -194,7 +197,8 @@ def cmd_check(args) -> None:
 
 def _override_help(sections) -> str:
     """The section.key=value overrides a command takes, listed from the Config classes themselves."""
-    classes = {"model": profiles.ModelConfig, "tracking": profiles.TrackingConfig}
+    classes = {"model": profiles.ModelConfig, "tracking": profiles.TrackingConfig,
+               "orchestration": profiles.OrchestrationConfig}
     classes.update({section: contract.step_module(step).Config for step, section in profiles.SECTION_OF_STEP.items()})
     lines = ["overrides: section.key=value after the flags, values in YAML (train.max_steps=10, smoke.languages=[French]);",
              "the profile's keys, with defaults and help, are in `finetune check --config FILE --print` and steps/*.py:"]
@@ -260,7 +264,10 @@ def main(argv: list[str] | None = None) -> int:
             _leave_interrupted()
         print(f"finetune: interrupted (Ctrl-C); the {args.command} stopped and left no manifest", file=sys.stderr)
         return 130
-    except Exception:
+    except Exception as e:
+        if type(e).__name__ == "StepTimedOut":  # flows.finetune's (imported only once a run starts Prefect)
+            print(f"finetune: error: {e}", file=sys.stderr)
+            return 1
         traceback.print_exc()
         print(BUG_REPORT, file=sys.stderr)
         return 1

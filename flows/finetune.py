@@ -1,24 +1,33 @@
-"""The parent flow: fetch → harmony → train → merge → push → smoke, each step in-process behind the step contract.
+"""The parent flow: fetch → harmony → train → merge → push → smoke, each step in-process or as its own deployment.
 
-    finetune run [--config configs/tiny-cpu.yaml] [--out runs/latest] [section.key=value …]
+    finetune run [--config configs/tiny-cpu.yaml] [--out runs/latest] [section.key=value …]     (in-process)
+    prefect deployment run finetune/dev --watch                                                 (in-process, a worker)
+    prefect deployment run finetune/prod                          (each step its deployment step/<name>: prefect.yaml)
 """
 import json
+import logging
 import os
+import re
 import threading
 import time
 from pathlib import Path
+from typing import Literal
 
-from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect import flow, get_run_logger, runtime, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
 
 from flows.preflight import check_environment
 from steps import contract, profile as profiles
 from steps.tracking import NullTracker
 
+# The steps log through "finetune" at INFO. PREFECT_LOGGING_EXTRA_LOGGERS=finetune (every pool sets it) gives that
+# logger Prefect's API handler, so the lines land in the flow-run logs, but not a level: Prefect's root is WARNING.
+logging.getLogger("finetune").setLevel(logging.INFO)
 
-@task(cache_policy=NO_CACHE)
-def run_step(name: str, profile: dict, out: Path, tracking: dict) -> dict:
+
+def _execute(name: str, profile: dict, out: Path, tracking: dict) -> dict:
     """One step through the contract (skipped when its out dir already holds a matching manifest)."""
     cfg = profiles.step_config(profile, name)
     inputs = {up: out / up for up in contract.step_module(name).INPUTS}
@@ -33,6 +42,108 @@ def run_step(name: str, profile: dict, out: Path, tracking: dict) -> dict:
             "out_dir": str(out / name), "duration_s": manifest["duration_s"]}
 
 
+@task(cache_policy=NO_CACHE)
+def run_step(name: str, profile: dict, out: Path, tracking: dict) -> dict:
+    return _execute(name, profile, out, tracking)
+
+
+def _step_run_name() -> str:
+    params = runtime.flow_run.parameters
+    return f"{params['name']}-{_run_label(params['config'], params.get('overrides') or [])}"
+
+
+@flow(name="step", flow_run_name=_step_run_name)
+def step(name: str, config: str, out: str, overrides: list[str] = (), tracking: dict | None = None) -> dict:
+    """One step, as the deployment step/<name> runs it (in its runtime's container, on its pool)."""
+    profile = profiles.load_profile(config, list(overrides))
+    return _execute(name, profile, Path(out), tracking or {})
+
+
+def _child_error(state) -> type[Exception]:
+    """A child that failed on a ValueError (bad input: the same input fails again) is not retried; a crash or a lost
+    worker is. The class survives the process boundary only as the state message: "…exception: ValueError: …"."""
+    found = re.search(r"exception: (\w+):", state.message or "")
+    return ValueError if found and found.group(1) == "ValueError" else RuntimeError
+
+
+class StepTimedOut(TimeoutError):
+    """A step ran past its orchestration.timeout_s: the run stops there (the same step would only time out again)."""
+
+    def __init__(self, name: str, timeout_s: int, where: str):
+        super().__init__(f"step {name} ran past orchestration.timeout_s.{name}={timeout_s} s and was stopped{where}; "
+                         f"raise it in the profile or pass orchestration.timeout_s.{name}=SECONDS")
+
+
+def _transient(task, task_run, state) -> bool:
+    return not isinstance(state.result(raise_on_failure=False), (ValueError, StepTimedOut))
+
+
+@task(cache_policy=NO_CACHE, retry_condition_fn=_transient)
+def run_step_deployment(name: str, config: str, out: Path, overrides: list[str], tracking: dict,
+                        timeout_s: int | None) -> dict:
+    """Step `name` as the flow run of its deployment step/<name>; fails with the child's message and link unless
+    the child completed. `run_deployment` itself returns the child whatever its final state."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.states import Cancelled, Cancelling
+    from prefect.utilities.urls import url_for
+
+    manifest_path = out / name / contract.MANIFEST
+    before = manifest_path.read_text() if manifest_path.is_file() else None
+    child = run_deployment(f"step/{name}", timeout=timeout_s, poll_interval=2,
+                           parameters={"name": name, "config": config, "out": str(out), "overrides": list(overrides),
+                                       "tracking": tracking})
+    link = url_for("flow-run", obj_id=child.id)
+    if not child.state.is_final():
+        with get_client(sync_client=True) as client:
+            message = f"past orchestration.timeout_s.{name}={timeout_s} s"
+            # One no worker has taken yet has nothing to stop; a started one's worker stops its container.
+            stop = Cancelled if client.read_flow_run(child.id).state.is_scheduled() else Cancelling
+            client.set_flow_run_state(child.id, stop(message=message), force=True)
+        raise StepTimedOut(name, timeout_s, f" (flow run {link}, cancelled)")
+    if not child.state.is_completed():
+        raise _child_error(child.state)(f"step {name}: flow run {child.name} {child.state.name}: {child.state.message} "
+                                        f"({link})")
+    manifest = json.loads(manifest_path.read_text())
+    return {"step": name, "status": "skipped (already done)" if manifest_path.read_text() == before else "ran",
+            "out_dir": str(out / name), "duration_s": manifest["duration_s"], "flow_run": link}
+
+
+def _run_label(config: str, overrides: list[str]) -> str:
+    """profile@dataset-revision (the run names): what a run trained on, at a glance."""
+    data = profiles.load_profile(config, list(overrides)).get("data", {})
+    revision = data.get("revision") or Path(str(data.get("dataset", "data"))).name
+    return f"{Path(config).stem}@{revision}"
+
+
+def _run_name() -> str:
+    params = runtime.flow_run.parameters
+    overrides = list(params.get("overrides") or [])
+    if params.get("dataset_revision"):
+        overrides.append(f"data.revision={params['dataset_revision']}")
+    return _run_label(params.get("config", str(profiles.DEFAULT_PROFILE)), overrides)
+
+
+def _artifacts(results: list[dict], out_dir: Path, tracking: dict) -> None:
+    """The run's page in the Prefect UI: steps, the train loss curve, the smoke report, links to the model and run."""
+    create_table_artifact(key="finetune-steps", table=results, description="Each step: ran or skipped, seconds, output")
+    done = {r["step"] for r in results}
+    if "train" in done:
+        curve = contract.read_output(out_dir / "train")["loss_curve"]
+        create_table_artifact(key="train-loss", table=[{"step": s, "loss": loss} for s, loss in curve],
+                              description="Training loss per logging step")
+    if "smoke" in done:
+        report = Path(contract.read_output(out_dir / "smoke")["report_md_path"])
+        create_markdown_artifact(key="smoke-report", markdown=report.read_text(), description="Smoke test of the model")
+    if "push" in done:
+        push = contract.read_output(out_dir / "push")
+        create_link_artifact(key="hub-model", link=push["url"] or f"https://huggingface.co/{push['repo_id']}",
+                             link_text=push["repo_id"] + (" (dry run: nothing uploaded)" if push["dry_run"] else ""))
+    if tracking and tracking["uri"].startswith(("http://", "https://")):
+        create_link_artifact(key="mlflow-run", link=f"{tracking['uri'].rstrip('/')}/#/experiments/"
+                             f"{tracking['experiment_id']}/runs/{tracking['parent_run_id']}", link_text="MLflow run")
+
+
 # Set once the flow body has closed what it opened (tracking runs), however it ended: on Ctrl-C the CLI waits for this,
 # then exits without Prefect's crash reporting to a temporary server that the same Ctrl-C has stopped.
 CLEANED_UP = threading.Event()
@@ -40,14 +151,25 @@ CLEANED_UP = threading.Event()
 
 # No log_prints: Prefect's print-to-log patch also catches prints that a library redirects to a buffer: dill finds a
 # function's globals by capturing dis.dis() output, which instead went to the console as ~190 lines of bytecode.
-@flow(name="finetune")
-def finetune(config: str = str(profiles.DEFAULT_PROFILE), out: str = "runs/latest", overrides: list[str] = ()) -> list[dict]:
+# The steps' lines reach the flow-run logs through the "finetune" logger (PREFECT_LOGGING_EXTRA_LOGGERS, above).
+@flow(name="finetune", flow_run_name=_run_name)
+def finetune(config: str = str(profiles.DEFAULT_PROFILE), out: str = "runs/latest", overrides: list[str] = (),
+             dataset_revision: str = "", dispatch: Literal["in-process", "deployments"] = "in-process") -> list[dict]:
+    """dispatch=deployments runs each step as its deployment step/<name>, on its runtime's pool and image
+    (prefect.yaml); `out` must then be a folder every pool mounts at the same path (/runs)."""
     logger = get_run_logger()
+    overrides = list(overrides) + ([f"data.revision={dataset_revision}"] if dataset_revision else [])
     out_dir = Path(out).resolve()
-    profile = profiles.load_profile(config, list(overrides))
-    profiles.validate(profile)  # every step's config is checked before the first step starts
-    check_environment(profile)
+    profile = profiles.load_profile(config, overrides)
+    if dispatch == "in-process":
+        profiles.validate(profile)  # every step's config is checked before the first step starts
+        check_environment(profile)
+    else:
+        # No image holds every step's packages (a step's module imports them), so each step/<name> checks its own
+        # config in its container before it starts work (`finetune check` checks them all where every extra is).
+        profiles.tracking_config(profile)
     tracking_cfg = profiles.tracking_config(profile)
+    orchestration = profiles.orchestration_config(profile)
     tracking = {}
     if tracking_cfg.enabled:
         from flows.tracking import start_parent_run
@@ -57,12 +179,22 @@ def finetune(config: str = str(profiles.DEFAULT_PROFILE), out: str = "runs/lates
         client, parent_run_id = start_parent_run(uri, tracking_cfg.experiment, run_name=f"finetune-{time.strftime('%Y%m%d-%H%M%S')}",
                                                  tags={"profile": str(config), "out_dir": str(out_dir)})
         client.log_text(parent_run_id, json.dumps(profile, indent=2, default=str), "profile.json")
-        tracking = {"parent_run_id": parent_run_id, "uri": uri}
+        tracking = {"parent_run_id": parent_run_id, "uri": uri,
+                    "experiment_id": client.get_run(parent_run_id).info.experiment_id}
         logger.info("MLflow run %s at %s", parent_run_id, uri)
     results, status = [], "FAILED"
     try:
         for name in contract.STEPS:
-            results.append(run_step.with_options(name=name)(name, profile, out_dir, tracking))
+            timeout_s = orchestration.timeout_s.get(name)
+            if dispatch == "in-process":
+                # No timeout here: Prefect's in-process one is a SIGALRM whose exception Python drops when it lands
+                # in a finalizer (seen: train ran on for 9 minutes past a 5 s limit). A deployment's is enforced.
+                results.append(run_step.with_options(name=name)(name, profile, out_dir, tracking))
+            else:
+                dispatched = run_step_deployment.with_options(
+                    name=f"step/{name}", retries=orchestration.retries,
+                    retry_delay_seconds=exponential_backoff(backoff_factor=orchestration.retry_delay_s))
+                results.append(dispatched(name, config, out_dir, overrides, tracking, timeout_s))
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -71,9 +203,8 @@ def finetune(config: str = str(profiles.DEFAULT_PROFILE), out: str = "runs/lates
         if tracking:
             client.set_terminated(tracking["parent_run_id"], status)
         CLEANED_UP.set()
-    rows = "\n".join(f"| {r['step']} | {r['status']} | {r['duration_s']} | `{r['out_dir']}` |" for r in results)
-    create_markdown_artifact(key="finetune-summary",
-                             markdown=f"# finetune\n\n| step | status | seconds | output |\n|---|---|---|---|\n{rows}\n")
+        if status != "KILLED":  # Ctrl-C also stops the CLI's temporary server: nothing to write the artifacts to
+            _artifacts(results, out_dir, tracking)
     return results
 
 

@@ -13,7 +13,7 @@ from steps.model import ModelConfig
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_PROFILE = CONFIGS_DIR / "tiny-cpu.yaml"
 SECTION_OF_STEP = {"fetch": "data", "harmony": "harmony", "train": "train", "merge": "merge", "push": "push", "smoke": "smoke"}
-SECTIONS = ("model", *SECTION_OF_STEP.values(), "tracking")
+SECTIONS = ("model", *SECTION_OF_STEP.values(), "tracking", "orchestration")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,6 +38,27 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                                  "mapping; keep one")
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+@dataclass(frozen=True, kw_only=True)
+class OrchestrationConfig:
+    timeout_s: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Per step, the most seconds it may run as its own deployment (finetune/prod: then its flow run is cancelled,
+    its container stopped and the run fails), e.g. {train: 21600}; a step not listed has no limit. In-process runs
+    (`finetune run`, finetune/dev) have none."""
+    retries: int = 2
+    """How often a step run as its own deployment is retried after a crash or a lost worker (never for a ValueError)."""
+    retry_delay_s: int = 30
+    """The first retry's delay; each further retry waits twice as long."""
+
+    def __post_init__(self):
+        unknown = [k for k in self.timeout_s if k not in SECTION_OF_STEP]
+        if unknown:
+            raise ValueError(f"orchestration.timeout_s.{unknown[0]}: no such step; steps are {', '.join(SECTION_OF_STEP)}")
+        bad = [k for k, v in self.timeout_s.items() if not isinstance(v, int) or isinstance(v, bool) or v <= 0]
+        if bad:
+            raise ValueError(f"orchestration.timeout_s.{bad[0]}={self.timeout_s[bad[0]]!r} must be a positive number of seconds")
+        if self.retries < 0:
+            raise ValueError(f"orchestration.retries={self.retries} must be 0 or more")
 
 
 def _read_yaml(path: Path) -> dict:
@@ -187,6 +208,10 @@ def tracking_config(profile: dict) -> TrackingConfig:
     return build(TrackingConfig, profile.get("tracking", {}), section="tracking")
 
 
+def orchestration_config(profile: dict) -> OrchestrationConfig:
+    return build(OrchestrationConfig, profile.get("orchestration", {}), section="orchestration")
+
+
 def step_config(profile: dict, step: str):
     """The typed Config of `step` from its profile section, with the `model` section injected where it takes one."""
     from steps.contract import step_module
@@ -200,4 +225,5 @@ def step_config(profile: dict, step: str):
 def validate(profile: dict) -> dict:
     """Every step's Config, built (and so validated) up front: bad input fails before any GPU time is spent."""
     tracking_config(profile)
+    orchestration_config(profile)
     return {step: step_config(profile, step) for step in SECTION_OF_STEP}
