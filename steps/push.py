@@ -208,9 +208,11 @@ def model_card(*, repo_id: str, manifests: dict[str, dict]) -> str:
         metadata["base_model"] = base
     if _is_hub_id(dataset):
         metadata["datasets"] = [dataset]
+    note = ""
     if base == "random":
-        made = (f"a randomly initialised gpt-oss of a test shape ({json.dumps(model.get('random_shape') or {})}, seed "
-                f"{model.get('seed', 0)}) with the real gpt-oss tokenizer: a demonstration of the pipeline, not a useful model")
+        made = "a randomly initialised gpt-oss"
+        note = (f" The base had random weights of a test shape ({json.dumps(model.get('random_shape') or {})}, seed "
+                f"{model.get('seed', 0)}) and the real gpt-oss tokenizer: a demonstration of the pipeline, not a useful model.")
     elif folder:
         made = "the model folder this push was given (no pipeline manifests upstream)"
     else:
@@ -218,9 +220,9 @@ def model_card(*, repo_id: str, manifests: dict[str, dict]) -> str:
     how = {"lora": "LoRA on attention and expert weights, merged into the base",
            "full": "a full fine-tune (every weight trained)"}.get(method, "")
     lines = ["---", yaml.safe_dump(metadata, sort_keys=False).rstrip(), "---", "", f"# {repo_id.split('/')[1]}", "",
-             f"Fine-tuned from {made}" + (f", by {how}," if how else ",")
+             f"Fine-tuned from {made}" + (f" by {how}" if how else "")
              + " on Harmony-formatted reasoning data with gpt-oss-finetune, to reason in the language the system "
-               "message asks for (`reasoning language: X`).", *_usage_section(repo_id)]
+               "message asks for (`reasoning language: X`)." + note, *_usage_section(repo_id)]
     if fetch:
         lines += ["", "## Training data", "", _dataset_line(fetch)]
     if train:
