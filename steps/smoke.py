@@ -99,6 +99,9 @@ class Config:
     allowed_finish_reasons: list = field(default_factory=lambda: ["stop"])
     """finish_reason values that pass. Add "length" only for models too small or too briefly trained to close their
     turn within max_tokens (a random-weight model never emits <|return|>); a real model must stop on its own."""
+    min_languages_passing: int = 0
+    """With check_language: how many of `languages` must reason in the requested language on `prompt` (the check
+    `reasoning_languages`); 0: all of them. Each language's own check stays in the report either way."""
     adherence_prompts: int = 0
     """Held-out questions (steps.smoke.HELD_OUT_PROMPTS, never in the bundled training data; `prompt` excluded) asked
     per reasoning language to measure the language-adherence rate: the share whose reasoning is identified as the
@@ -137,6 +140,11 @@ class Config:
         for name in ("startup_timeout_s", "request_timeout_s", "stop_grace_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"smoke.{name}={getattr(self, name)} must be > 0")
+        if not 0 <= self.min_languages_passing <= len(self.languages):
+            raise ValueError(f"smoke.min_languages_passing={self.min_languages_passing} must be between 0 (all) and "
+                             f"{len(self.languages)} (the number of smoke.languages)")
+        if self.min_languages_passing and not self.check_language:
+            raise ValueError(f"smoke.min_languages_passing={self.min_languages_passing} needs smoke.check_language=true")
         max_prompts = len(HELD_OUT_PROMPTS) - (self.prompt in HELD_OUT_PROMPTS)
         if not 0 <= self.adherence_prompts <= max_prompts:
             raise ValueError(f"smoke.adherence_prompts={self.adherence_prompts} must be between 0 and {max_prompts} (the "
@@ -175,7 +183,7 @@ class Output:
     metrics: dict = field(default_factory=dict)
     """Flat {name: number}: language_adherence (overall rate 0..1 over the adherence requests) and
     language_adherence.<Language>, adherence_num_requests, adherence_mean_latency_s, adherence_tokens_per_s,
-    plus mean_latency_s, tokens_per_s, startup_s, num_checks, num_failed."""
+    plus languages_passing (of `languages`, on `prompt`), mean_latency_s, tokens_per_s, startup_s, num_checks, num_failed."""
 
 
 def _free_port(host: str) -> int:
@@ -435,7 +443,8 @@ def _write_markdown(path: Path, report: dict) -> None:
              f"backend `{report['backend']}`, model `{report['model_dir']}` served as `{report['model_name']}`, {ready}; "
              f"{report['num_checks'] - report['num_failed']}/{report['num_checks']} checks passed", "",
              "| check | result | detail |", "|---|---|---|"]
-    lines += [f"| {c['name']} | {'pass' if c['passed'] else '**FAIL**'} | {c['detail'].replace('|', '/')} |" for c in report["checks"]]
+    lines += [f"| {c['name']} | {'pass' if c['passed'] else '**FAIL**' if c.get('counts', True) else 'fail (see reasoning_languages)'} | "
+              f"{c['detail'].replace('|', '/')} |" for c in report["checks"]]
     lines += ["", "| language | finish | detected | latency s | tokens | tokens/s |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['language']} | {r.get('finish_reason')} | {r.get('detected_language', '-')} | {r['latency_s']} | "
               f"{r.get('completion_tokens', '-')} | {r.get('tokens_per_s', '-')} |" for r in report["requests"]]
@@ -546,6 +555,16 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
                     requests.append(row)
                     checks += row_checks
                     log.info("smoke: %s: %s in %.1f s", language, "ok" if row["passed"] else "FAILED", row["latency_s"])
+                if cfg.min_languages_passing:
+                    # The per-language checks stay in the report; this one decides.
+                    language_checks = [c for c in checks if c["name"].endswith(".reasoning_language")]
+                    passing = [c["name"][5:-len("].reasoning_language")] for c in language_checks if c["passed"]]
+                    for c in language_checks:
+                        c["counts"] = False
+                    checks.append(_check("reasoning_languages", len(passing) >= cfg.min_languages_passing,
+                                         f"{len(passing)}/{len(cfg.languages)} languages reasoned as requested "
+                                         f"({', '.join(passing) or 'none'}; smoke.min_languages_passing="
+                                         f"{cfg.min_languages_passing})"))
                 if cfg.adherence_prompts:
                     adherence, adherence_metrics = _adherence(client, cfg, model_name)
                     if cfg.min_language_adherence:
@@ -569,10 +588,11 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
         _stop(proc, cfg.stop_grace_s)
     answered = [r for r in requests if "completion_tokens" in r]
     total_s = sum(r["latency_s"] for r in answered)
-    failed = [c["name"] for c in checks if not c["passed"]]
+    failed = [c["name"] for c in checks if not c["passed"] and c.get("counts", True)]
     mean_latency_s = round(total_s / len(answered), 3) if answered else 0.0
     tokens_per_s = round(sum(r["completion_tokens"] for r in answered) / total_s, 2) if total_s else 0.0
-    metrics = {**adherence_metrics, "mean_latency_s": mean_latency_s, "tokens_per_s": tokens_per_s,
+    languages_passing = [r["language"] for r in requests if r.get("detected_language") == LANGUAGE_CODES[r["language"]]]
+    metrics = {**adherence_metrics, "languages_passing": len(languages_passing), "mean_latency_s": mean_latency_s, "tokens_per_s": tokens_per_s,
                "startup_s": startup_s or 0.0, "num_checks": len(checks), "num_failed": len(failed)}
     report = {
         "backend": cfg.backend, "model_dir": str(model_dir), "weights_format": weights_format, "model_name": model_name,
@@ -591,7 +611,7 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
     tracker.log_metrics({f"smoke_{k.replace('.', '_')}": v for k, v in metrics.items()})
     if failed:
         # A result, not a crash: one line naming the checks (and the first one's detail), the report has the rest.
-        first = next(c for c in checks if not c["passed"])
+        first = next(c for c in checks if c["name"] in failed)
         raise ValueError(f"smoke test failed {len(failed)}/{len(checks)} checks: {', '.join(failed)} "
                          f"({first['name']}: {first['detail']}); see {md_path} and {server_log}")
     return Output(

@@ -112,17 +112,22 @@ def test_smoke_passes_against_transformers_serve(merge_dir, tmp_path):
 def test_failed_check_raises_after_report_and_stops_server(merge_dir, tmp_path):
     # The wired model always reasons in English: asking for French must fail the language check, and the adherence
     # rate over held-out questions (English 2/2, French 0/2) must fall below the 75% asked for.
+    # With smoke.min_languages_passing=1 the English pass carries the language checks (French's stays in the report).
     cfg = smoke.Config(backend="transformers", port=0, languages=["English", "French"], max_tokens=48,
-                       check_language=True, adherence_prompts=2, min_language_adherence=0.75, startup_timeout_s=180,
-                       request_timeout_s=120)
+                       check_language=True, min_languages_passing=1, adherence_prompts=2, min_language_adherence=0.75,
+                       startup_timeout_s=180, request_timeout_s=120)
 
-    with pytest.raises(ValueError, match=r"failed 2/\d+ checks: chat\[French\]\.reasoning_language, language_adherence "
-                                         r"\(chat\[French\]\.reasoning_language: detected 'en', expected 'fr'\); see .*report\.md") as err:
+    with pytest.raises(ValueError, match=r"failed 1/\d+ checks: language_adherence \(language_adherence: 50% of 4 held-out "
+                                         r"questions reasoned in the requested language .*\); see .*report\.md") as err:
         smoke.run(cfg, out_dir=tmp_path, inputs={"merge": merge_dir}, tracker=NullTracker())
     print(f"\nthe step's one line: {err.value}")
 
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["num_failed"] == 2 and [r["detected_language"] for r in report["requests"]] == ["en", "en"]
+    assert report["num_failed"] == 1 and [r["detected_language"] for r in report["requests"]] == ["en", "en"]
+    checks = {c["name"]: c for c in report["checks"]}
+    assert not checks["chat[French].reasoning_language"]["passed"] and checks["chat[French].reasoning_language"]["counts"] is False
+    assert checks["reasoning_languages"]["passed"] and checks["reasoning_languages"]["detail"].startswith("1/2 languages")
+    assert report["metrics"]["languages_passing"] == 1
     metrics = report["metrics"]
     assert {k: metrics[k] for k in ("language_adherence", "language_adherence.English", "language_adherence.French",
                                     "adherence_num_requests")} == {"language_adherence": 0.5, "language_adherence.English": 1.0,
@@ -131,7 +136,8 @@ def test_failed_check_raises_after_report_and_stops_server(merge_dir, tmp_path):
     assert all(isinstance(v, (int, float)) for v in metrics.values())
     assert [r["prompt"] for r in report["adherence"][:2]] == smoke.adherence_prompts(cfg) and cfg.prompt not in smoke.adherence_prompts(cfg)
     md = (tmp_path / "report.md").read_text()
-    assert "**FAIL**" in md and "| French | 0% | 2 |" in md
+    assert "| language_adherence | **FAIL** |" in md and "| French | 0% | 2 |" in md
+    assert "| chat[French].reasoning_language | fail (see reasoning_languages) |" in md
     assert f"- reasoning: `{REASONING}`" in md and "reasoning identified as 'en'" in md
     assert (tmp_path / "server.log").stat().st_size > 0
     assert _server_gone(report) and _port_free(cfg.host, report["port"])
@@ -207,6 +213,7 @@ def test_a_merge_output_with_a_broken_config_is_one_line(merge_dir, tmp_path):
     ({"tp": 2}, "smoke.tp=2 needs smoke.backend=sglang"),
     ({"served_model_name": "x"}, "must look like owner/name"),
     ({"adherence_prompts": 99}, "smoke.adherence_prompts=99 must be between 0 and"),
+    ({"min_languages_passing": 3, "languages": ["English", "French"]}, "must be between 0 .all. and 2"),
     ({"min_language_adherence": 0.75}, "needs smoke.adherence_prompts > 0"),
     ({"adherence_prompts": 2, "min_language_adherence": 75}, "is a rate: use 0..1"),
     ({"languages": ["Klingon"]}, "'Klingon' is not a known reasoning language"),
