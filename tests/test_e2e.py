@@ -102,7 +102,7 @@ def test_finetune_run_interrupted_then_broken_at_smoke_then_resumes(tmp_path):
     shutil.copy(out / "train" / "base" / "model.safetensors", twin / "model.safetensors")
     failed = subprocess.run([sys.executable, "-m", "flows.cli", "step", "smoke", "--config", "configs/tiny-cpu.yaml",
                              "--input", f"merge={twin}", "--out", str(tmp_path / "twin-smoke"), "smoke.adherence_prompts=0",
-                             "smoke.min_language_adherence=0", "smoke.languages=[English,French]",
+                             "smoke.min_language_adherence=0", "smoke.languages=[English,French]", "smoke.min_languages_passing=1",
                              "smoke.max_tokens=16"],
                             capture_output=True, text=True, cwd=REPO, env=env, timeout=1200)
     print("random twin:", failed.stderr.strip().splitlines()[-1])
