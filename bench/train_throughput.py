@@ -23,6 +23,7 @@ import os
 import sys
 import tempfile
 import time
+import unittest.mock
 import weakref
 from pathlib import Path
 
@@ -253,7 +254,7 @@ def run_config(name, spec, shape, rows, device, warmup_steps, timed_steps, seed,
 
     counts = []  # (non-pad tokens, loss tokens) per micro-batch, in the order the trainer consumes them
 
-    step_t, losses, grad_norms = [], {}, {}
+    step_t, step_unix, losses, grad_norms = [], [], {}, {}
 
     class Meter(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kw):
@@ -269,6 +270,7 @@ def run_config(name, spec, shape, rows, device, warmup_steps, timed_steps, seed,
         def on_step_end(self, args, state, control, **kw):
             sync(device)
             step_t.append(time.perf_counter())
+            step_unix.append(time.time())
             if state.global_step >= stop_at:
                 control.should_training_stop = True
 
@@ -327,7 +329,7 @@ def run_config(name, spec, shape, rows, device, warmup_steps, timed_steps, seed,
             "tokens_per_s": round(tok / secs, 1),
             "tokens_per_step": round(tok / n_timed, 1),
             "epoch_min_est": round(sum(len(r["input_ids"]) for r in rows) / (tok / secs) / 60, 2),
-            "loss_by_step": losses, "grad_norm_by_step": grad_norms,
+            "loss_by_step": losses, "grad_norm_by_step": grad_norms, "step_end_unix": step_unix,
         })
     else:
         result["error"] = error
@@ -367,7 +369,7 @@ def run_train_step(name, rows, device, warmup_steps, timed_steps, tokenizer_dir,
     Timing: a tracker records the host clock (after cuda synchronize) and TRL's cumulative num_tokens at each logged
     optimizer step; tokens/s is over the steps after the warm-up, as for the other configurations.
     profile_to: a file; one more optimizer step runs after the timed ones under torch.profiler, whose table of
-    kernels by GPU time is written there (that step is not timed).
+    kernels by GPU time is written there (that step is not timed), and beside it the same by input shapes.
     """
     from steps import contract
     from steps.profile import load_profile, step_config
@@ -387,12 +389,16 @@ def run_train_step(name, rows, device, warmup_steps, timed_steps, tokenizer_dir,
                                  metrics.get("mfu"))
                 if profile_to and step == warmup_steps + timed_steps:
                     self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
-                                                                   torch.profiler.ProfilerActivity.CPU])
+                                                                   torch.profiler.ProfilerActivity.CPU],
+                                                       record_shapes=True)
                     self.prof.start()
                 elif self.prof is not None:
                     self.prof.stop()
                     table = self.prof.key_averages().table(sort_by="cuda_time_total", row_limit=60, max_name_column_width=90)
                     Path(profile_to).write_text(table)
+                    by_shape = self.prof.key_averages(group_by_input_shape=True).table(
+                        sort_by="self_cuda_time_total", row_limit=50, max_name_column_width=60, max_shapes_column_width=110)
+                    Path(profile_to).with_suffix(".shapes.txt").write_text(by_shape)
                     self.prof = None
 
         def log_artifact(self, path):
@@ -489,6 +495,8 @@ def main():
     ap.add_argument("--step-variant", action="append", default=[], metavar="NAME=K=V;K=V",
                     help="a configuration NAME (usable in --configs) = `step` with these extra overrides")
     ap.add_argument("--profile", default="", help="comma-separated configurations to profile one extra step of")
+    ap.add_argument("--baseline-experts", default="", help="comma-separated step configurations to run with the "
+                    "expert path of main at 53b72cc (bench/experts_53b72cc.py) instead of steps/modeling.py's")
     a = ap.parse_args()
     variants = {}
     for v in a.step_variant:
@@ -569,8 +577,17 @@ def main():
                 from steps.tokenizer import offline_tokenizer_dir
                 a.tokenizer_dir = str(offline_tokenizer_dir())
             profile_to = out / f"profile-{name}.txt" if name in a.profile.split(",") else None
-            res = run_train_step(name, rows, device, a.warmup_steps, a.timed_steps, a.tokenizer_dir, a.step_profile,
-                                 a.step_override + variants.get(name, []), profile_to)
+            with contextlib.ExitStack() as patches:
+                if name in a.baseline_experts.split(","):
+                    import steps.modeling
+                    sys.path.insert(0, str(Path(__file__).resolve().parent))
+                    import experts_53b72cc
+                    patches.enter_context(unittest.mock.patch.object(steps.modeling, "_experts_forward",
+                                                                     experts_53b72cc._experts_forward))
+                    log(f"{name}: expert path of main at 53b72cc (bench/experts_53b72cc.py)")
+                res = run_train_step(name, rows, device, a.warmup_steps, a.timed_steps, a.tokenizer_dir, a.step_profile,
+                                     a.step_override + variants.get(name, []), profile_to)
+            res["expert_path"] = "main 53b72cc" if name in a.baseline_experts.split(",") else "this checkout"
         else:
             log(f"=== {name} {CONFIGS[name]}")
             res = run_config(name, CONFIGS[name], shape, rows, device, a.warmup_steps, a.timed_steps, 42, tokenizer)

@@ -129,37 +129,111 @@ def _clamped_swiglu_grad(gate_up: torch.Tensor, grad: torch.Tensor, alpha: float
     return torch.stack((d_gate, d_up), dim=-1).flatten(-2).to(gate_up.dtype)
 
 
-# On GPU each direction compiles to one elementwise kernel; the row count varies (marked dynamic), the width does not.
-_clamped_swiglu_cuda = torch.compile(_clamped_swiglu)
-_clamped_swiglu_grad_cuda = torch.compile(_clamped_swiglu_grad)
+# On GPU each direction compiles to one elementwise kernel (the bias gather fused in); the row count varies (marked
+# dynamic), the width does not.
+def _biased_swiglu(gate_up, bias, expert_ids, alpha, limit):
+    return _clamped_swiglu(gate_up + bias[expert_ids], alpha, limit)
+
+
+def _biased_swiglu_grad(gate_up, bias, expert_ids, grad, alpha, limit):
+    return _clamped_swiglu_grad(gate_up + bias[expert_ids], grad, alpha, limit)
+
+
+_biased_swiglu_cuda = torch.compile(_biased_swiglu)
+_biased_swiglu_grad_cuda = torch.compile(_biased_swiglu_grad)
+
+
+def _mark_rows_dynamic(*tensors):
+    for t in tensors:
+        torch._dynamo.mark_dynamic(t, 0)
 
 
 class _ClampedSwiGLU(torch.autograd.Function):
-    """The expert activation keeping only its input for the backward pass.
+    """The expert activation of gate_up + bias[expert_ids], keeping only its inputs for the backward pass.
 
     Autograd through the eager activation (2 clamps, sigmoid, 3 products, an add on strided halves) keeps ~5 tensors
     per routed token; 4 routed tokens per token make that most of a gpt-oss layer's activation memory. This keeps
-    gate_up alone and recomputes the rest in the backward pass, which on GPU is one fused kernel each way.
+    gate_up alone and recomputes the rest in the backward pass, which on GPU is one fused kernel each way, the bias
+    gather included (an add of a gathered [routed tokens, 2 x intermediate] bias each way otherwise).
     """
 
     @staticmethod
-    def forward(ctx, gate_up, alpha, limit):
-        ctx.save_for_backward(gate_up)
+    def forward(ctx, gate_up, bias, expert_ids, alpha, limit):
+        ctx.save_for_backward(gate_up, bias, expert_ids)
         ctx.alpha, ctx.limit = alpha, limit
         if not gate_up.is_cuda:
-            return _clamped_swiglu(gate_up, alpha, limit)
-        torch._dynamo.mark_dynamic(gate_up, 0)
-        return _clamped_swiglu_cuda(gate_up, alpha, limit)
+            return _biased_swiglu(gate_up, bias, expert_ids, alpha, limit)
+        _mark_rows_dynamic(gate_up, expert_ids)
+        return _biased_swiglu_cuda(gate_up, bias, expert_ids, alpha, limit)
 
     @staticmethod
     def backward(ctx, grad):
-        (gate_up,) = ctx.saved_tensors
+        gate_up, bias, expert_ids = ctx.saved_tensors
         grad = grad.contiguous()
         if not gate_up.is_cuda:
-            return _clamped_swiglu_grad(gate_up, grad, ctx.alpha, ctx.limit), None, None
-        torch._dynamo.mark_dynamic(gate_up, 0)
-        torch._dynamo.mark_dynamic(grad, 0)
-        return _clamped_swiglu_grad_cuda(gate_up, grad, ctx.alpha, ctx.limit), None, None
+            d_gate_up = _biased_swiglu_grad(gate_up, bias, expert_ids, grad, ctx.alpha, ctx.limit)
+        else:
+            _mark_rows_dynamic(gate_up, expert_ids, grad)
+            d_gate_up = _biased_swiglu_grad_cuda(gate_up, bias, expert_ids, grad, ctx.alpha, ctx.limit)
+        d_bias = None
+        if ctx.needs_input_grad[1]:  # a full fine-tune trains the bias; LoRA leaves it frozen
+            d_bias = torch.zeros_like(bias).index_add_(0, expert_ids, d_gate_up)
+        return d_gate_up, d_bias, None, None, None
+
+
+def _unroute(down, bias, inverse, router_indices, weights):
+    """y[t] = sum_j (down[inverse[t, j]] + bias[router_indices[t, j]]) * weights[t, j], in fp32 or wider."""
+    dtype = torch.promote_types(down.dtype, torch.float32)
+    rows = down[inverse].to(dtype) + bias[router_indices].to(dtype)
+    return (rows * weights.to(dtype)[..., None]).sum(1).to(down.dtype)
+
+
+def _unroute_grad(grad, down, bias, inverse, perm, router_indices, weights):
+    """d y / d (down, weights) of _unroute: down's rows in its own (expert-sorted) order, weights per token and slot."""
+    dtype = torch.promote_types(down.dtype, torch.float32)
+    grad = grad.to(dtype)
+    d_down = grad[perm // inverse.shape[1]] * weights.reshape(-1)[perm].to(dtype)[:, None]
+    rows = down[inverse].to(dtype) + bias[router_indices].to(dtype)
+    d_weights = (rows * grad[:, None]).sum(-1)
+    return d_down.to(down.dtype), d_weights.to(weights.dtype)
+
+
+_unroute_cuda = torch.compile(_unroute)
+_unroute_grad_cuda = torch.compile(_unroute_grad)
+
+
+class _Unroute(torch.autograd.Function):
+    """The down projection's epilogue in one pass: its bias, the routing weights, the rows back in token order and the
+    sum over each token's top-k experts. Step by step that is 5 kernels over [routed tokens, hidden] each way (bias
+    gather, add, product, gather, sum); on GPU this is one kernel forward and two backward, reading `down` once.
+
+    `down` holds the routed rows sorted by expert; for token t's j-th expert, inverse[t, j] is its row there,
+    router_indices[t, j] the expert and weights[t, j] the routing weight; perm is inverse's inverse (flattened).
+    """
+
+    @staticmethod
+    def forward(ctx, down, bias, inverse, perm, router_indices, weights):
+        ctx.save_for_backward(down, bias, inverse, perm, router_indices, weights)
+        if not down.is_cuda:
+            return _unroute(down, bias, inverse, router_indices, weights)
+        _mark_rows_dynamic(down, inverse, router_indices, weights)
+        return _unroute_cuda(down, bias, inverse, router_indices, weights)
+
+    @staticmethod
+    def backward(ctx, grad):
+        down, bias, inverse, perm, router_indices, weights = ctx.saved_tensors
+        grad = grad.contiguous()
+        if not down.is_cuda:
+            d_down, d_weights = _unroute_grad(grad, down, bias, inverse, perm, router_indices, weights)
+        else:
+            _mark_rows_dynamic(grad, down, inverse, perm, router_indices, weights)
+            d_down, d_weights = _unroute_grad_cuda(grad, down, bias, inverse, perm, router_indices, weights)
+        d_bias = None
+        if ctx.needs_input_grad[1]:  # a full fine-tune trains the bias; LoRA leaves it frozen
+            per_slot = (grad[:, None].float() * weights[..., None].float()).reshape(-1, grad.shape[-1])
+            d_bias = torch.zeros_like(bias, dtype=torch.promote_types(bias.dtype, torch.float32)).index_add_(
+                0, router_indices.reshape(-1), per_slot).to(bias.dtype)
+        return d_down, d_bias, None, None, None, d_weights
 
 
 class _RouteRows(torch.autograd.Function):
@@ -187,8 +261,8 @@ class _RouteRows(torch.autograd.Function):
 def _experts_forward(self: GptOssExperts, hidden_states: torch.Tensor, router_indices: torch.Tensor,
                      routing_weights: torch.Tensor) -> torch.Tensor:
     """GptOssExperts.forward as transformers' grouped_mm path computes it (tokens sorted by expert, one grouped GEMM
-    per projection), with the routing through _RouteRows and the activation through _ClampedSwiGLU."""
-    num_tokens, hidden_size = hidden_states.shape
+    per projection), with the routing through _RouteRows, the activation (and gate_up's bias) through _ClampedSwiGLU
+    and the down projection's epilogue through _Unroute."""
     top_k = router_indices.shape[-1]
     expert_ids, perm = torch.sort(router_indices.reshape(-1))
     inverse = torch.empty_like(perm)
@@ -199,12 +273,10 @@ def _experts_forward(self: GptOssExperts, hidden_states: torch.Tensor, router_in
     offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
     routed = _RouteRows.apply(hidden_states, perm, inverse, top_k)
     gate_up = _grouped_mm(routed, self.gate_up_proj, offsets)
-    gate_up.add_(self.gate_up_proj_bias[expert_ids])
-    out = _grouped_mm(_ClampedSwiGLU.apply(gate_up, self.alpha, self.limit), self.down_proj, offsets)
-    out.add_(self.down_proj_bias[expert_ids])
-    out = out * routing_weights.reshape(-1)[perm, None]
-    out = _RouteRows.apply(out, inverse, perm, 1)
-    return out.view(num_tokens, top_k, hidden_size).sum(1).to(hidden_states.dtype)
+    activated = _ClampedSwiGLU.apply(gate_up, self.gate_up_proj_bias, expert_ids, self.alpha, self.limit)
+    down = _grouped_mm(activated, self.down_proj, offsets)
+    out = _Unroute.apply(down, self.down_proj_bias, inverse.view(-1, top_k), perm, router_indices, routing_weights)
+    return out.to(hidden_states.dtype)
 
 
 def fast_experts(net: GptOssForCausalLM) -> None:

@@ -13,6 +13,18 @@ from steps.tracking import Tracker
 log = logging.getLogger("finetune")
 
 
+def compile_counts() -> dict:
+    """Graphs compiled so far in this process, by whether torch's on-disk caches held them: hits load, misses compile
+    (Inductor's FX graph cache, and AOTAutograd's cache of forward + backward pairs above it)."""
+    from torch._dynamo.utils import counters
+
+    return {"fx_graph_hits": counters["inductor"]["fxgraph_cache_hit"],
+            "fx_graph_misses": counters["inductor"]["fxgraph_cache_miss"],
+            "aot_autograd_hits": counters["aot_autograd"]["autograd_cache_hit"],
+            "aot_autograd_misses": counters["aot_autograd"]["autograd_cache_miss"],
+            "aot_autograd_bypasses": counters["aot_autograd"]["autograd_cache_bypass"]}
+
+
 def peak_mem_gib(device: str) -> float:
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**30
@@ -55,6 +67,9 @@ class Progress(TrainerCallback):
         self.lr_curve: list[list[float]] = []  # [step, learning rate] at every logging step (loss_curve.png)
         self.eval_curve: list[list[float]] = []  # [step, eval loss] whenever the Trainer evaluates
         self.intervals: list[tuple[float, float]] = []  # (tokens, seconds) per log
+        self.phases_s: dict[str, float] = {}  # train_setup, first_step, steps
+        self.train_called_s = None  # when trainer.train() was called: its own set-up runs before on_train_begin
+        self.first_step_compiles: dict = {}
 
     def _sync(self):
         if self.device == "cuda":
@@ -65,6 +80,13 @@ class Progress(TrainerCallback):
         self.start_s = self.mark_s = time.perf_counter()
         self.start_step, self.last_tokens, self.busy_s = state.global_step, 0, 0.0  # TRL counts num_tokens from 0 in each process
         self.num_gpus = args.world_size  # num_tokens counts every process's tokens
+        if self.train_called_s is not None:
+            self.phases_s["train_setup"] = round(self.start_s - self.train_called_s, 1)
+            log.info("train: optimizer and data loader set up in %.1f s", self.phases_s["train_setup"])
+        self.compiles_before = compile_counts()
+        if self.device == "cuda":
+            log.info("train: step %d/%d compiles the GPU kernels (or loads them from the compile cache); the ETA "
+                     "starts after it", state.global_step + 1, state.max_steps)
 
     def on_step_end(self, args, state, control, **kwargs):
         self._sync()
@@ -73,15 +95,25 @@ class Progress(TrainerCallback):
         self.mark_s = now
         if state.global_step == self.start_step + 1:
             self.first_step_end_s = now  # the ETA leaves out the first step: it holds the compile and warm-up
-
-    def eta_s(self, state, now: float) -> float:
-        """Seconds left at the pace of the steps after the first (checkpoint writes included), or of the first alone."""
-        done = state.global_step - self.start_step
-        if done >= 2:
-            per_step = (now - self.first_step_end_s) / (done - 1)
+            self.phases_s["first_step"] = round(now - self.start_s, 1)
+            after = compile_counts()
+            self.first_step_compiles = {k: after[k] - self.compiles_before[k] for k in after}
+            if self.device == "cuda":
+                c = self.first_step_compiles
+                log.info("train: step %d took %.1f s; compiled graphs: %d loaded from the cache, %d compiled "
+                         "(AOTAutograd: %d loaded, %d compiled, %d not cacheable)", state.global_step,
+                         self.phases_s["first_step"], c["fx_graph_hits"], c["fx_graph_misses"],
+                         c["aot_autograd_hits"], c["aot_autograd_misses"], c["aot_autograd_bypasses"])
         else:
-            per_step = (now - self.start_s) / max(done, 1)
-        return per_step * (state.max_steps - state.global_step)
+            self.phases_s["steps"] = round(now - self.first_step_end_s, 1)
+
+    def eta_s(self, state, now: float) -> float | None:
+        """Seconds left at the pace of the steps after the first (checkpoint writes included); None until there is
+        such a step (the first holds the compile and warm-up, and says nothing about the pace)."""
+        done = state.global_step - self.start_step
+        if done < 2:
+            return None
+        return (now - self.first_step_end_s) / (done - 1) * (state.max_steps - state.global_step)
 
     def on_save(self, args, state, control, **kwargs):
         self.mark_s = time.perf_counter()
@@ -105,10 +137,11 @@ class Progress(TrainerCallback):
         if "learning_rate" in metrics:
             self.lr_curve.append([state.global_step, metrics["learning_rate"]])
         eta_s = self.eta_s(state, time.perf_counter())
-        log.info("train: step %d/%d loss %.4f grad_norm %.3f lr %.2e %.0f tokens/s%s peak %.1f GiB ETA %.0f s",
+        log.info("train: step %d/%d loss %.4f grad_norm %.3f lr %.2e %.0f tokens/s%s peak %.1f GiB ETA %s",
                  state.global_step, state.max_steps, metrics["loss"], metrics.get("grad_norm", math.nan),
                  metrics.get("learning_rate", math.nan), metrics.get("tokens_per_s", math.nan),
-                 f" MFU {metrics['mfu']:.1%}" if "mfu" in metrics else "", metrics["peak_mem_gib"], eta_s)
+                 f" MFU {metrics['mfu']:.1%}" if "mfu" in metrics else "", metrics["peak_mem_gib"],
+                 "after the next step" if eta_s is None else f"{eta_s:.0f} s")
 
     def steady_tokens_per_s(self) -> float:
         """Tokens/s over the logged intervals after the first (which holds the compile / warm-up step), or over the

@@ -5,10 +5,12 @@ TRL's SFTTrainer over PEFT; loss only where the harmony step's `assistant_masks`
 DIR2/checkpoints/checkpoint-N (running the same command again after a crash continues from the newest complete one),
 the result to DIR2/model.
 """
+import hashlib
 import json
 import logging
 import os
 import shutil
+import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -114,6 +116,11 @@ class Config:
     fsdp_cpu_offload: bool = False
     """With fsdp: keep the sharded parameters, gradients and optimizer state in host memory, moving each layer to the
     GPU only while it computes (slower; for models whose shards do not fit, e.g. gpt-oss-120b on 8 x 80 GB)."""
+    compile_cache_dir: str = ""
+    """Where the GPU kernels compiled in the first step (torch Inductor's graphs, Triton's binaries) are kept for the
+    next run of this step (the nightly retrain); "" = .compile-cache in the out dir's parent (the output root, which a
+    container keeps as a volume). Entries are keyed by the torch, Triton and CUDA versions, the GPU and this code, so a
+    change of any of them compiles afresh instead of loading stale kernels."""
     save_random_base: bool = True
     """model.name=random only: save the random base weights to DIR2/base, which merge needs to add a LoRA adapter to
     (42 GB at the gpt-oss-20b shape); false skips that for benchmarks, and leaves nothing to merge into."""
@@ -194,6 +201,12 @@ class Output:
     excluded."""
     peak_mem_gib: float
     train_runtime_s: float
+    phases_s: dict
+    """Seconds per phase, in order: imports, data (read the harmony rows), load (the model), lora, pack (TRL's data
+    preparation), trainer (the rest of its set-up), train_setup (optimizer, data loader), first_step (compiles on
+    GPU), steps (the other steps, checkpoints included), save."""
+    compile_cache: dict
+    """On GPU: the cache folder and how many compiled graphs step 1 took from it (hits) or compiled (misses)."""
 
 
 def last_complete_checkpoint(checkpoints_dir: Path) -> Path | None:
@@ -229,6 +242,41 @@ def save_dir_atomic(out: Path, write, *, is_main: bool = True) -> None:
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
+
+
+def compile_cache_key() -> str:
+    """What compiled kernels depend on beyond the traced graphs that torch's own cache keys hash: the libraries that
+    generate or launch them, the GPU, and the code of this step and of its model patches (steps/modeling.py)."""
+    import torch
+    from importlib import metadata
+
+    from steps import modeling
+
+    def version(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "absent"
+
+    gpu = f"{torch.cuda.get_device_name()} {torch.cuda.get_device_capability()}" if torch.cuda.is_available() else "none"
+    h = hashlib.sha256()
+    for part in (torch.__version__, str(torch.version.cuda), gpu,
+                 *(version(d) for d in ("triton", "transformers", "peft", "trl", "accelerate", "liger-kernel"))):
+        h.update(part.encode() + b"\0")
+    for module_file in (__file__, modeling.__file__):
+        h.update(Path(module_file).read_bytes())
+    return f"torch-{torch.__version__.replace('+', '-')}-{h.hexdigest()[:16]}"
+
+
+def use_compile_cache(cfg: Config, out_dir: Path) -> Path:
+    """Point torch Inductor's and Triton's on-disk caches (FX graphs, AOTAutograd graphs, kernel binaries) at a keyed
+    folder that outlives the process; by default they live in /tmp, which a container loses."""
+    root = Path(cfg.compile_cache_dir) if cfg.compile_cache_dir else Path(out_dir).resolve().parent / ".compile-cache"
+    cache = root / compile_cache_key()
+    cache.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache / "inductor")
+    os.environ["TRITON_CACHE_DIR"] = str(cache / "triton")
+    return cache
 
 
 def lora_config(cfg: Config, net):
@@ -268,6 +316,15 @@ def check_inputs(cfg: Config, *, inputs: Mapping[str, Path]) -> None:
 
 
 def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Tracker) -> Output:
+    # Seconds per set-up phase, logged as each ends: the first minutes of a GPU run are mostly set-up and compiling.
+    phases_s, mark = {}, [time.perf_counter()]
+
+    def phase_done(name: str, what: str):
+        now = time.perf_counter()
+        phases_s[name] = round(now - mark[0], 1)
+        mark[0] = now
+        log.info("train: %s in %.1f s", what, phases_s[name])
+
     import torch
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType
@@ -283,6 +340,7 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
     # PEFT 0.21.2 and TRL 1.16 read model.is_gradient_checkpointing, which transformers 5.23 deprecates: a FutureWarning
     # about the libraries' own calls that no profile key can change.
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    phase_done("imports", "torch, transformers, TRL and PEFT imported")
 
     # --- Inputs: fail on bad input before loading a model ---
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -323,6 +381,10 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
     num_loss_tokens = sum(sum(m) for m in dataset["assistant_masks"])
     log.info("train: %d rows, %d tokens (%d with loss), longest %d", len(dataset),
              sum(len(ids) for ids in dataset["input_ids"]), num_loss_tokens, longest)
+    compile_cache = use_compile_cache(cfg, out_dir) if cfg.device == "cuda" else None
+    if compile_cache is not None:
+        log.info("train: compile cache %s (%d files)", compile_cache, sum(1 for p in compile_cache.rglob("*") if p.is_file()))
+    phase_done("data", "rows read")
 
     # --- Training arguments: built first, since they start the process group that loading under FSDP needs ---
     checkpoints_dir = out_dir / "checkpoints"
@@ -375,12 +437,14 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
     # Under FSDP only local rank 0 materialises the weights, in host memory, and accelerate hands each GPU its shard
     # (no GPU holds a full copy); the other ranks hold placeholders: from_pretrained makes them itself
     # (FSDP_CPU_RAM_EFFICIENT_LOADING), a random model gets empty ones.
+    log.info("train: loading the model (%s)", cfg.model.name)
     net = load_model(cfg.model, vocab_size=len(tokenizer), dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
                      device="cpu" if cfg.fsdp else cfg.device, empty_weights=cfg.fsdp and local_rank != 0)
     net.config.use_cache = False
     fast_experts(net)
     if cfg.packing:
         mask_packed_documents(net)
+    phase_done("load", "model loaded")
     base_model, base_revision = cfg.model.name, cfg.model.revision
     peft_config = lora_config(cfg, net) if cfg.method == "lora" else None
 
@@ -396,6 +460,7 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
             if is_main:
                 save_dir_atomic(out_dir / "base", write_base)
             base_model, base_revision = "base", ""
+            phase_done("save_base", f"random base saved to {out_dir / 'base'}")
 
         # --- Checkpoints: resume from the newest complete one, or start clean ---
         # The contract says whether this run repeats an interrupted one with the same fingerprint; read inside this
@@ -422,11 +487,29 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
         log.info("train: no peak FLOP/s known for %s (steps.train.PEAK_BF16_FLOPS); MFU is not logged",
                  torch.cuda.get_device_name())
     progress = Progress(tracker, cfg.device, model_flops_per_token(net.config, cfg.method), peak_flops)
-    trainer = SFTTrainer(model=net, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=peft_config, callbacks=[progress])
+    mark[0] = time.perf_counter()
+
+    class Trainer(SFTTrainer):
+        """SFTTrainer, timing its data preparation (packing), which runs inside its set-up after PEFT's wrapping."""
+
+        def _prepare_dataset(self, *args, **kwargs):
+            start = time.perf_counter()
+            self.pack_start_s = getattr(self, "pack_start_s", start)
+            prepared = super()._prepare_dataset(*args, **kwargs)
+            self.pack_s = getattr(self, "pack_s", 0.0) + time.perf_counter() - start
+            return prepared
+
+    trainer = Trainer(model=net, args=args, train_dataset=dataset, processing_class=tokenizer,
+                      peft_config=peft_config, callbacks=[progress])
+    lora_s = getattr(trainer, "pack_start_s", mark[0]) - mark[0]
+    phases_s["lora"], phases_s["pack"] = round(lora_s, 1), round(getattr(trainer, "pack_s", 0.0), 1)
+    log.info("train: %s in %.1f s, data prepared (%s) in %.1f s", "LoRA applied" if peft_config else "model wrapped",
+             phases_s["lora"], "packed" if cfg.packing else "tokenized", phases_s["pack"])
+    mark[0] += lora_s + getattr(trainer, "pack_s", 0.0)
     # One console line per logging step, Progress's: the Trainer would add a tqdm bar and a printed metrics dict.
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
+    phase_done("trainer", "trainer set up")
     if peft_config is not None:
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in trainer.model.parameters())
@@ -438,6 +521,7 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
         # once: two full-size copies per LoRA layer each way (~15% of a gpt-oss LoRA step on an H100). Without it
         # autocast casts only the small adapter weights; the arithmetic is the same.
         with cpu_lm_head(cfg.device), disable_input_dtype_casting(trainer.model, active=cfg.dtype == "bfloat16"):
+            progress.train_called_s = time.perf_counter()
             result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except torch.OutOfMemoryError as e:
         raise RuntimeError(
@@ -461,12 +545,15 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
         trainer.save_model(str(tmp))
         if is_main:
             tokenizer.save_pretrained(tmp)
+    phases_s.update(progress.phases_s)
+    mark[0] = time.perf_counter()
     save_dir_atomic(out_dir / "model", write_model, is_main=is_main)
     if trainer.is_fsdp_enabled:
         # Over NCCL the other ranks only queue their part of the gather, then run on and exit while rank 0 still
         # receives the weights: on 2 x H200 rank 1 exited and rank 0 stalled in the gather (bench/README.md). Gloo
         # collectives block, so the CPU runs never showed it.
         trainer.accelerator.wait_for_everyone()
+    phase_done("save", f"{'adapter' if cfg.method == 'lora' else 'model'} saved")
     output = Output(
         model_dir="model",
         base_model=base_model,
@@ -479,6 +566,8 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
         tokens_per_s=round(progress.steady_tokens_per_s(), 1),
         peak_mem_gib=round(peak_mem_gib(cfg.device), 3),
         train_runtime_s=round(result.metrics["train_runtime"], 2),
+        phases_s=phases_s,
+        compile_cache={"dir": str(compile_cache), **progress.first_step_compiles} if compile_cache else {},
     )
     tracker.log_metrics({"train_runtime_s": output.train_runtime_s, "train_tokens_per_s": output.tokens_per_s,
                          "train_peak_mem_gib": output.peak_mem_gib})
@@ -490,6 +579,7 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
     log.info("train: %d steps in %.0f s, loss %.4f -> %.4f, %.0f tokens/s, peak %.1f GiB; saved %s",
              output.num_steps, output.train_runtime_s, output.train_loss_first, output.train_loss_last,
              output.tokens_per_s, output.peak_mem_gib, out_dir / "model")
+    log.info("train: seconds by phase: %s", ", ".join(f"{k} {v:.1f}" for k, v in phases_s.items()))
     return output
 
 

@@ -96,6 +96,8 @@ class Prefect:
                     "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5", "PREFECT_WORKER_QUERY_SECONDS": "2",
                     "FINETUNE_RUNS_DIR": str(self.runs), "FINETUNE_HF_CACHE": str(root / "hf-cache"),
                     "FINETUNE_IMAGE_TAG": tag, "FINETUNE_NOTIFY_BLOCK": "custom-webhook/finetune-alerts",
+                    # a dead run is marked Crashed within about two minutes, not production's five
+                    "FINETUNE_HEARTBEAT_S": "30", "FINETUNE_SILENT_AFTER_S": "75",
                     "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         (root / "hf-cache" / "hub").mkdir(parents=True)
         self.procs: list[subprocess.Popen] = []
@@ -219,8 +221,12 @@ pools = {p.name: {"type": p.type, "variables": p.base_job_template["variables"][
          for p in client.read_work_pools()}
 automations = [{"id": str(a.id), "actions": [x.model_dump(mode="json") for x in a.actions], "expect": sorted(a.trigger.expect)}
                for a in client.read_automations_by_name("finetune-prod-failed")]
+silent = [{"posture": a.trigger.posture.value, "within": a.trigger.within.total_seconds(),
+           "actions": [x.model_dump(mode="json") for x in a.actions]}
+          for a in client.read_automations_by_name("finetune-crash-silent-runs")]
 block = client.read_block_document_by_name("finetune-alerts", block_type_slug="custom-webhook")
-print(json.dumps({"deployments": out, "pools": pools, "automations": automations, "block_id": str(block.id)}))""")
+print(json.dumps({"deployments": out, "pools": pools, "automations": automations, "silent": silent,
+                  "block_id": str(block.id)}))""")
     deployments, pools = got["deployments"], got["pools"]
     print(json.dumps(deployments, indent=1))
     assert sorted(deployments) == sorted(names)
@@ -258,6 +264,11 @@ print(json.dumps({"deployments": out, "pools": pools, "automations": automations
     automation = got["automations"][0]
     assert automation["expect"] == ["prefect.flow-run.Crashed", "prefect.flow-run.Failed", "prefect.flow-run.TimedOut"]
     assert [a["block_document_id"] for a in automation["actions"]] == [got["block_id"]]
+    assert "automation finetune-crash-silent-runs: updated" in prefect.setup[1].stdout
+    assert len(got["silent"]) == 1 and got["silent"][0]["posture"] == "Proactive", got["silent"]
+    assert got["silent"][0]["within"] == 75 and got["silent"][0]["actions"][0]["state"] == "CRASHED"
+    assert all(p["variables"]["env"]["default"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"
+               for name, p in pools.items() if name != "k8s")
 
 
 def test_the_scheduler_creates_prod_runs_at_the_cron_times(prefect):
@@ -323,6 +334,12 @@ def test_dev_resumes_after_its_worker_is_killed_after_train(prefect):
     assert len(_artifact(prefect, run["id"], "train-loss")) > 10
     logs = _logs(prefect, run["id"])
     assert any("step fetch: skipped" in line for line in logs) and any("step smoke: done" in line for line in logs), logs
+
+    # The killed run sent no more heartbeats: automation-crash-silent-runs marks it Crashed (else it would stay
+    # Running for ever and, on prod, hold the deployment's one concurrency slot).
+    killed = prefect.wait(killed_id, limit_s=300)
+    print(f"the killed run, {time.time() - started:.0f} s after the first start: {killed['state']}: {killed['message']}")
+    assert killed["state"] == "CRASHED" and "No heartbeat for 75 s" in killed["message"], killed
 
 
 def _label_cpu_containers(prefect) -> None:

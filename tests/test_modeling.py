@@ -20,17 +20,23 @@ def test_fused_activation_matches_transformers_values_and_gradients():
     # Values on both sides of the clamps (limit 7), and exactly on them, where clamp still passes the gradient.
     gate_up = torch.randn(64, 2 * experts.intermediate_size, dtype=torch.float64) * 6
     gate_up[0, :8] = torch.tensor([experts.limit, -experts.limit] * 4, dtype=torch.float64)
+    gate_up[0, 8:] = 0  # with a zero bias below, row 0 meets the clamps exactly
     grad_out = torch.randn(64, experts.intermediate_size, dtype=torch.float64)
+    bias = torch.randn(4, 2 * experts.intermediate_size, dtype=torch.float64)
+    bias[0] = 0
+    expert_ids = torch.sort(torch.randint(0, 4, (64,)))[0]
+    expert_ids[0] = 0
 
-    ours_in = gate_up.clone().requires_grad_()
-    ref_in = gate_up.clone().requires_grad_()
-    ours = _ClampedSwiGLU.apply(ours_in, experts.alpha, experts.limit)
-    ref = GptOssExperts._apply_gate(experts, ref_in)
+    ours_in, ours_bias = gate_up.clone().requires_grad_(), bias.clone().requires_grad_()
+    ref_in, ref_bias = gate_up.clone().requires_grad_(), bias.clone().requires_grad_()
+    ours = _ClampedSwiGLU.apply(ours_in, ours_bias, expert_ids, experts.alpha, experts.limit)
+    ref = GptOssExperts._apply_gate(experts, ref_in + ref_bias[expert_ids])
     ours.backward(grad_out)
     ref.backward(grad_out)
     assert (gate_up.abs() > experts.limit).any()  # the clamps are exercised
     torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ours_in.grad, ref_in.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours_bias.grad, ref_bias.grad, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("reference", ["eager", "grouped_mm"])
@@ -40,6 +46,11 @@ def test_fast_experts_give_transformers_loss_and_gradients(reference):
         model = load_model(ModelConfig(name="random", tokenizer="o200k-offline", seed=0), vocab_size=512, dtype="float32",
                            attn_implementation="eager", device="cpu")
         model.set_experts_implementation(reference)
+        with torch.no_grad():  # initialised to 0; random, so the paths' bias terms are compared too
+            gen = torch.Generator().manual_seed(2)
+            for name, param in model.named_parameters():
+                if name.endswith("_bias"):
+                    param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
         if fuse:
             fast_experts(model)
         ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(1))
@@ -51,7 +62,7 @@ def test_fast_experts_give_transformers_loss_and_gradients(reference):
                 seen.add(node)
                 nodes.extend(next_fn for next_fn, _ in node.next_functions)
         names = {type(n).__name__ for n in seen}
-        assert ({"_ClampedSwiGLUBackward", "_RouteRowsBackward"} <= names) == fuse
+        assert ({"_ClampedSwiGLUBackward", "_RouteRowsBackward", "_UnrouteBackward"} <= names) == fuse
         loss.backward()
         return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
 

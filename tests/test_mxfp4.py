@@ -146,7 +146,7 @@ def test_quantization_config_is_the_releases():
 
 def test_a_gpt_oss_20b_layer_gets_the_release_names_dtypes_and_shapes():
     """One expert of each of a gpt-oss-20b layer's projections (a whole layer would take seconds): the export's
-    tensors are openai/gpt-oss-20b's, less the expert count (bench/results/h200-call11 checked all 32 on a GPU)."""
+    tensors are openai/gpt-oss-20b's, less the expert count (bench/results/h200-2026-12-01-mxfp4-export-fp32-merge-* checked all 32 on a GPU)."""
     from hub_layout import GPT_OSS_20B_EXPERTS
 
     prefix = "model.layers.0.mlp.experts."

@@ -346,7 +346,7 @@ def test_model_flops_per_token_counts_the_active_parameters():
 
 def test_eta_follows_the_steady_steps_not_the_compile_step(monkeypatch):
     """A first step of 140 s (compile), then 1 s steps: after step 3 of 8 the ETA is 5 s, not the 237 s that averaging
-    the compile step in gave."""
+    the compile step in gave; after step 1 there is none (not 7 x 140 s)."""
     from transformers import TrainerState, TrainingArguments
 
     clock = iter([0.0, 140.0, 141.0, 142.0])
@@ -359,7 +359,27 @@ def test_eta_follows_the_steady_steps_not_the_compile_step(monkeypatch):
         callback.on_step_end(None, state, None)
     assert callback.eta_s(state, 142.0) == pytest.approx(5 * 1.0)
     state.global_step = 1
-    assert callback.eta_s(state, 140.0) == pytest.approx(7 * 140.0)  # one step seen: its pace is all there is
+    assert callback.eta_s(state, 140.0) is None  # the compile step alone says nothing about the pace
+
+
+def test_compile_cache_is_kept_in_the_output_root_and_keyed_by_versions_and_code(monkeypatch, tmp_path):
+    for var in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        monkeypatch.setenv(var, "unset")  # restored after the test
+    cache = train.use_compile_cache(train_config(), tmp_path / "run" / "train")
+    assert cache.parent == tmp_path / "run" / ".compile-cache" and cache.is_dir()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache / "inductor")
+    assert os.environ["TRITON_CACHE_DIR"] == str(cache / "triton")
+    assert train.use_compile_cache(train_config(compile_cache_dir=str(tmp_path / "vol")), tmp_path).parent == tmp_path / "vol"
+
+    key = train.compile_cache_key()
+    assert train.compile_cache_key() == key
+    edited = tmp_path / "modeling.py"
+    edited.write_bytes(Path(modeling.__file__).read_bytes() + b"# edited\n")
+    monkeypatch.setattr(modeling, "__file__", str(edited))
+    assert train.compile_cache_key() != key  # a code change never loads the old kernels
+    monkeypatch.undo()
+    monkeypatch.setattr(torch, "__version__", "0.0.0")
+    assert train.compile_cache_key() != key
 
 
 def test_the_written_out_schedulers_are_the_installed_transformers_ones():

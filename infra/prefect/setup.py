@@ -1,4 +1,4 @@
-"""Run by infra/prefect/setup.sh: the pools, the image-tag variable and the failure automation, created or updated."""
+"""Run by infra/prefect/setup.sh: the pools, the image-tag variable and the automations, created or updated."""
 import json
 import os
 import string
@@ -71,25 +71,29 @@ def main() -> None:
             client.update_variable(VariableUpdate(name="finetune_image_tag", value=tag))
         print(f"variable finetune_image_tag = {tag}")
 
-        spec = yaml.safe_load((HERE / "automation-prod-failed.yaml").read_text())
-        block = os.environ["FINETUNE_NOTIFY_BLOCK"]
-        block_type, _, block_name = block.partition("/")
-        try:
-            block_id = client.read_block_document_by_name(block_name, block_type_slug=block_type).id
-        except ObjectNotFound:
-            raise ValueError(f"FINETUNE_NOTIFY_BLOCK={block}: no such block on {client.api_url}; create it (e.g. "
-                             f"SlackWebhook(url=…).save({block_name!r})) or name another in infra/prefect/setup.env") from None
-        for action in spec["actions"]:
-            if action["type"] == "send-notification":
-                action["block_document_id"] = str(block_id)
-        automation = AutomationCore.model_validate(spec)
-        found = client.read_automations_by_name(spec["name"])
-        if found:
-            client.update_automation(found[0].id, automation)
-            print(f"automation {spec['name']}: updated ({found[0].id}, notifies {block})")
-        else:
-            print(f"automation {spec['name']}: created ({client.create_automation(automation)}, notifies {block})")
+        for path in sorted(HERE.glob("automation-*.yaml")):
+            spec = yaml.safe_load(_expand(path.read_text()))  # ${VAR}s first: `within` is a number of seconds
+            notifies = ""
+            for action in spec["actions"]:
+                if action["type"] == "send-notification":
+                    action["block_document_id"] = str(_block_id(client, os.environ["FINETUNE_NOTIFY_BLOCK"]))
+                    notifies = f", notifies {os.environ['FINETUNE_NOTIFY_BLOCK']}"
+            automation = AutomationCore.model_validate(spec)
+            found = client.read_automations_by_name(spec["name"])
+            if found:
+                client.update_automation(found[0].id, automation)
+                print(f"automation {spec['name']}: updated ({found[0].id}{notifies})")
+            else:
+                print(f"automation {spec['name']}: created ({client.create_automation(automation)}{notifies})")
 
+
+def _block_id(client, block: str):
+    block_type, _, block_name = block.partition("/")
+    try:
+        return client.read_block_document_by_name(block_name, block_type_slug=block_type).id
+    except ObjectNotFound:
+        raise ValueError(f"FINETUNE_NOTIFY_BLOCK={block}: no such block on {client.api_url}; create it (e.g. "
+                         f"SlackWebhook(url=…).save({block_name!r})) or name another in infra/prefect/setup.env") from None
 
 if __name__ == "__main__":
     try:
