@@ -386,7 +386,7 @@ def run_train_step(name, rows, device, warmup_steps, timed_steps, tokenizer_dir,
             if step is not None and "loss" in metrics:
                 sync(device)
                 self.at[step] = (time.perf_counter(), metrics.get("num_tokens"), metrics["loss"], metrics.get("grad_norm"),
-                                 metrics.get("mfu"))
+                                 metrics.get("interval_mfu"))
                 if profile_to and step == warmup_steps + timed_steps:
                     self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
                                                                    torch.profiler.ProfilerActivity.CPU],

@@ -84,12 +84,17 @@ def cmd_step(args) -> None:
     profile = profiles.load_profile(args.config, args.overrides)
     cfg = profiles.step_config(profile, args.name)
     tracking = profiles.tracking_config(profile)
+    uri = args.tracking_uri or tracking.uri
     is_main = contract.is_main_process()  # under torchrun, rank 0 alone tracks and reports
-    if is_main and tracking.enabled and tracking.uri and args.parent_run_id:
+    if is_main and tracking.enabled and uri and args.parent_run_id:
         from flows.tracking import step_run
 
-        with step_run(tracking.uri, args.parent_run_id, args.name) as tracker:
-            manifest, _ = contract.execute(args.name, cfg, out_dir=args.out, inputs=_inputs(args.input), tracker=tracker)
+        # What the parent passes (finetune run, a step deployment, a container): the run to nest under and where.
+        with step_run({"uri": uri, "parent_run_id": args.parent_run_id, "out_dir": str(Path(args.out).resolve().parent)},
+                      args.name) as (tracker, finish):
+            manifest, skipped = contract.execute(args.name, cfg, out_dir=args.out, inputs=_inputs(args.input),
+                                                 tracker=tracker)
+            finish(manifest, skipped)
     else:
         manifest, _ = contract.execute(args.name, cfg, out_dir=args.out, inputs=_inputs(args.input))
     if is_main:
@@ -176,20 +181,25 @@ def cmd_run(args) -> None:
         logging.getLogger(name).addFilter(_NoTracebackForUserErrors())
     signal.signal(signal.SIGINT, _on_ctrl_c(CLEANED_UP))
     results = finetune(config=str(args.config), out=str(args.out), overrides=args.overrides)
-    print(f"\nfinetune: all {len(results)} steps finished; outputs in {Path(args.out).resolve()}")
-    for r in results:
+    steps = [r for r in results if r["step"] != "promote"]
+    print(f"\nfinetune: all {len(steps)} steps finished; outputs in {Path(args.out).resolve()}")
+    for r in steps:
         print(f"  {r['step']:<8} {r['status']:<22} {r['duration_s']:>8.1f} s  {r['out_dir']}")
+    gate = next((r for r in results if r["step"] == "promote"), None)
+    if gate:
+        print(f"finetune: promotion {gate['status']}: {gate['summary']}")
+        if gate["status"] != "promoted":
+            raise NotPromoted()
+
+
+class NotPromoted(Exception):
+    """The pipeline ran and the gate kept the champion: exit code 3, neither success (0) nor an error (1, 2)."""
 
 
 def cmd_check(args) -> None:
     profile, configs = _checked_profile(args)
     if args.print:
-        # Every key with the value a run would use (defaults filled in): a profile that loads back as it is.
-        resolved = {"model": dataclasses.asdict(profiles.model_config(profile))}
-        for step, cfg in configs.items():
-            resolved[profiles.SECTION_OF_STEP[step]] = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "model"}
-        resolved["tracking"] = dataclasses.asdict(profiles.tracking_config(profile))
-        resolved["orchestration"] = dataclasses.asdict(profiles.orchestration_config(profile))
+        resolved = profiles.resolved(profile)
         print(yaml.safe_dump(resolved, sort_keys=False, default_flow_style=False, width=120), end="")
         return
     print(f"{args.config}: valid ({', '.join(configs)})")
@@ -198,7 +208,7 @@ def cmd_check(args) -> None:
 def _override_help(sections) -> str:
     """The section.key=value overrides a command takes, listed from the Config classes themselves."""
     classes = {"model": profiles.ModelConfig, "tracking": profiles.TrackingConfig,
-               "orchestration": profiles.OrchestrationConfig}
+               "orchestration": profiles.OrchestrationConfig, "promote": profiles.PromoteConfig}
     classes.update({section: contract.step_module(step).Config for step, section in profiles.SECTION_OF_STEP.items()})
     lines = ["overrides: section.key=value after the flags, values in YAML (train.max_steps=10, smoke.languages=[French]);",
              "the profile's keys, with defaults and help, are in `finetune check --config FILE --print` and steps/*.py:"]
@@ -230,6 +240,7 @@ def _parser() -> argparse.ArgumentParser:
     step.add_argument("--input", action="append", default=[], metavar="UPSTREAM=DIR",
                       help="an upstream step's out dir, e.g. --input harmony=runs/x/harmony (repeat per upstream)")
     step.add_argument("--parent-run-id", default="", help="MLflow parent run to nest this step's run under")
+    step.add_argument("--tracking-uri", default="", help="MLflow tracking URI of the parent run (default: tracking.uri)")
     check = sub.add_parser("check", help="load and validate a profile without running anything",
                            description="Load a profile, check every step's config and the environment (Hub token for "
                                        "a real push, tracking server); run nothing.",
@@ -259,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         # User errors (bad profile, bad input, unreachable services) print as one line naming the field and the fix.
         print(f"finetune: error: {e}", file=sys.stderr)
         return 2
+    except NotPromoted:
+        return 3
     except KeyboardInterrupt:
         if args.command == "run":
             _leave_interrupted()

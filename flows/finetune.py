@@ -17,6 +17,7 @@ from prefect import flow, get_run_logger, runtime, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
+from prefect.states import Completed
 
 from flows.preflight import check_environment
 from steps import contract, profile as profiles
@@ -36,8 +37,9 @@ def _execute(name: str, profile: dict, out: Path, tracking: dict) -> dict:
     else:
         from flows.tracking import step_run
 
-        with step_run(tracking["uri"], tracking["parent_run_id"], name) as tracker:
+        with step_run(tracking, name) as (tracker, finish):
             manifest, skipped = contract.execute(name, cfg, out_dir=out / name, inputs=inputs, tracker=tracker)
+            finish(manifest, skipped)
     return {"step": name, "status": "skipped (already done)" if skipped else "ran",
             "out_dir": str(out / name), "duration_s": manifest["duration_s"]}
 
@@ -172,40 +174,63 @@ def finetune(config: str = str(profiles.DEFAULT_PROFILE), out: str = "runs/lates
     orchestration = profiles.orchestration_config(profile)
     tracking = {}
     if tracking_cfg.enabled:
-        from flows.tracking import start_parent_run
+        from flows.tracking import flatten, start_parent_run
 
         out_dir.mkdir(parents=True, exist_ok=True)
         uri = tracking_cfg.uri or f"sqlite:///{out_dir / 'mlflow.db'}"
-        client, parent_run_id = start_parent_run(uri, tracking_cfg.experiment, run_name=f"finetune-{time.strftime('%Y%m%d-%H%M%S')}",
-                                                 tags={"profile": str(config), "out_dir": str(out_dir)})
-        client.log_text(parent_run_id, json.dumps(profile, indent=2, default=str), "profile.json")
-        tracking = {"parent_run_id": parent_run_id, "uri": uri,
-                    "experiment_id": client.get_run(parent_run_id).info.experiment_id}
-        logger.info("MLflow run %s at %s", parent_run_id, uri)
-    results, status = [], "FAILED"
+        server, tracking = start_parent_run(uri, tracking_cfg.experiment, out_dir=out_dir,
+                                            run_name=f"finetune-{time.strftime('%Y%m%d-%H%M%S')}", tags={"profile": str(config)},
+                                            # Under dispatch=deployments no image holds every step's module: the
+                                            # profile as given; in-process every key resolved, defaults filled in.
+                                            params=flatten(profiles.resolved(profile) if dispatch == "in-process" else profile))
+        server.call("log_text", run_id=tracking["parent_run_id"], text=json.dumps(profile, indent=2, default=str),
+                    artifact_file="profile.json")
+        logger.info("MLflow run %s at %s", tracking["parent_run_id"], uri)
+    results, status, decision, smoke_failure = [], "FAILED", None, None
     try:
         for name in contract.STEPS:
             timeout_s = orchestration.timeout_s.get(name)
-            if dispatch == "in-process":
-                # No timeout here: Prefect's in-process one is a SIGALRM whose exception Python drops when it lands
-                # in a finalizer (seen: train ran on for 9 minutes past a 5 s limit). A deployment's is enforced.
-                results.append(run_step.with_options(name=name)(name, profile, out_dir, tracking))
-            else:
-                dispatched = run_step_deployment.with_options(
-                    name=f"step/{name}", retries=orchestration.retries,
-                    retry_delay_seconds=exponential_backoff(backoff_factor=orchestration.retry_delay_s))
-                results.append(dispatched(name, config, out_dir, overrides, tracking, timeout_s))
+            try:
+                if dispatch == "in-process":
+                    # No timeout here: Prefect's in-process one is a SIGALRM whose exception Python drops when it lands
+                    # in a finalizer (seen: train ran on for 9 minutes past a 5 s limit). A deployment's is enforced.
+                    results.append(run_step.with_options(name=name)(name, profile, out_dir, tracking))
+                else:
+                    dispatched = run_step_deployment.with_options(
+                        name=f"step/{name}", retries=orchestration.retries,
+                        retry_delay_seconds=exponential_backoff(backoff_factor=orchestration.retry_delay_s))
+                    results.append(dispatched(name, config, out_dir, overrides, tracking, timeout_s))
+            except ValueError as err:
+                if name != "smoke":
+                    raise
+                smoke_failure = err  # the model was pushed: it is registered and the gate records why it stays out
+        if tracking and profiles.promote_config(profile).enabled:
+            from flows.registry import decision_markdown, register_and_gate
+
+            server.flush()  # the gate reads this run's metrics back from the server
+            decision = register_and_gate(server, tracking, profile, out_dir)
+            create_markdown_artifact(key="promotion", markdown=decision_markdown(decision), description=decision["summary"])
+        if smoke_failure is not None:
+            raise smoke_failure
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
         if tracking:
-            client.set_terminated(tracking["parent_run_id"], status)
+            server.call("set_terminated", run_id=tracking["parent_run_id"], status=status, end_time=int(time.time() * 1000))
+            server.flush()
         CLEANED_UP.set()
         if status != "KILLED":  # Ctrl-C also stops the CLI's temporary server: nothing to write the artifacts to
             _artifacts(results, out_dir, tracking)
-    return results
+    if decision is None:
+        return results
+    results.append({"step": "promote", "status": decision["decision"], "summary": decision["summary"],
+                    "out_dir": "", "duration_s": 0.0})
+    if decision["decision"] == "promoted":
+        return results
+    # Not a failure of the pipeline, and not a success to ship: a state of its own in the Prefect UI.
+    return Completed(name="NotPromoted", message=decision["summary"], data=results)
 
 
 if __name__ == "__main__":

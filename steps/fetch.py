@@ -62,6 +62,9 @@ class Output:
     num_dropped: dict = field(default_factory=dict)
     dataset: str = ""
     revision: str = ""
+    train_sha256: str = ""
+    """sha256 of train.jsonl: a digest of every kept training row (the dataset lineage in MLflow carries it)."""
+    eval_sha256: str = ""
 
 
 def _is_local(dataset: str) -> bool:
@@ -375,8 +378,12 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
     if evals:
         _write_jsonl(out_dir / "eval.jsonl", evals)
         eval_path = "eval.jsonl"
-    tracker.log_metrics({"fetch.num_train": len(train), "fetch.num_eval": len(evals),
-                         "fetch.num_dropped": sum(dropped.values())})
+    digests = {"train": _sha256_of(train_path), "eval": _sha256_of(out_dir / eval_path) if eval_path else ""}
+    for split, rows_of in (("train", train), ("eval", evals)):
+        if rows_of:
+            tracker.log_dataset(name=Path(source).name if Path(source).exists() else source, source=source,
+                                revision=revision, digest=digests[split], num_rows=len(rows_of), context=split)
     log.info("fetch: %d train, %d eval rows written to %s", len(train), len(evals), out_dir)
     return Output(train_path=train_path.name, eval_path=eval_path, num_train=len(train), num_eval=len(evals),
-                  num_dropped=dict(sorted(dropped.items())), dataset=source, revision=revision)
+                  num_dropped=dict(sorted(dropped.items())), dataset=source, revision=revision,
+                  train_sha256=digests["train"], eval_sha256=digests["eval"])

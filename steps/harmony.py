@@ -283,21 +283,28 @@ def _histogram(lengths: list[int], max_length: int, path: Path) -> None:
 
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    ordered = sorted(lengths)
+    p50, p95 = ordered[len(ordered) // 2], ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+    over = sum(n > max_length for n in lengths)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
     num_bins = min(50, max(10, len(set(lengths))))
     # Lengths that span orders of magnitude (a few long documents among short chats) on a log axis, log-spaced bins.
     spans_decades = uses_log_scale(lengths)
-    bins = np.geomspace(max(min(lengths), 1), max(lengths) + 1, num_bins + 1) if spans_decades else num_bins
+    bins = np.geomspace(max(ordered[0], 1), ordered[-1] + 1, num_bins + 1) if spans_decades else num_bins
     ax.hist(lengths, bins=bins, color="#4477aa")
     if spans_decades:
         ax.set_xscale("log")
-    ax.axvline(max_length, color="#cc3311", linestyle="--", label=f"max_length={max_length}")
-    ax.set_title(f"{len(lengths)} rows, {min(lengths)}–{max(lengths)} tokens")
-    ax.set_xlabel("tokens per row (Harmony-rendered)" + (", log scale" if spans_decades else ""))
-    ax.set_ylabel("rows")
-    ax.legend()
+    ax.axvline(max_length, color="#cc3311", linestyle="--", label=f"max_length={max_length} ({over} rows over)")
+    ax.axvline(p50, color="#228833", linestyle=":", label=f"median {p50}")
+    ax.axvline(p95, color="#ccbb44", linestyle=":", label=f"p95 {p95}")
+    ax.set_title(f"Harmony token lengths: {len(lengths)} rows (train + eval), {ordered[0]}–{ordered[-1]} tokens",
+                 fontsize=12)
+    ax.set_xlabel("tokens per row (Harmony-rendered)" + (", log scale" if spans_decades else ""), fontsize=11)
+    ax.set_ylabel("rows", fontsize=11)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
@@ -390,8 +397,6 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
     histogram = out_dir / "token_lengths.png"
     _histogram(lengths, cfg.max_length, histogram)
     tracker.log_artifact(histogram)
-    tracker.log_metrics({"harmony.num_rows": len(rendered["train"]["id"]), "harmony.num_dropped_overflow": counts["dropped_overflow"],
-                         "harmony.num_truncated": counts["truncated"], **{f"harmony.tokens_{k}": v for k, v in stats["all"].items()}})
     log.info("harmony: %d train rows, %d dropped and %d truncated over max_length=%d; tokens per row %s",
              len(rendered["train"]["id"]), counts["dropped_overflow"], counts["truncated"], cfg.max_length, stats["all"])
     return Output(data_dir=data_dir.name, eval_data_dir=eval_dir, tokenizer_dir=tokenizer_dir.name,

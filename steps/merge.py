@@ -311,9 +311,6 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
                     num_params=num_params, export=cfg.export, num_bytes=num_bytes,
                     fits_gpu=mxfp4.smallest_gpu(num_bytes), bf16_model_dir="model-bf16" if cfg.keep_bf16 else "",
                     retention=figures)
-    tracker.log_metrics({"merge_max_abs_logit_diff": diff, "merge_reload_max_abs_logit_diff": reload_diff,
-                         "merge_num_bytes": num_bytes,
-                         **{f"merge_{k}": v for k, v in figures.items() if isinstance(v, float)}})
     log.info("merge: saved %s (%s, %s, %.1f M parameters, %.2f GB, fits %s, reload diff %.3g)", out_dir / "model",
              cfg.export, ", ".join(architectures), num_params / 1e6, num_bytes / 1e9, output.fits_gpu, reload_diff)
     return output

@@ -13,7 +13,7 @@ from steps.model import ModelConfig
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_PROFILE = CONFIGS_DIR / "tiny-cpu.yaml"
 SECTION_OF_STEP = {"fetch": "data", "harmony": "harmony", "train": "train", "merge": "merge", "push": "push", "smoke": "smoke"}
-SECTIONS = ("model", *SECTION_OF_STEP.values(), "tracking", "orchestration")
+SECTIONS = ("model", *SECTION_OF_STEP.values(), "tracking", "orchestration", "promote")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -24,6 +24,34 @@ class TrackingConfig:
     """MLflow experiment name."""
     enabled: bool = True
     """Set false to run without MLflow at all."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PromoteConfig:
+    """The promotion gate: the alias `champion` moves to this run's registered version only when the smoke test
+    passed and every metric below is no worse than the champion's (within its tolerance); a first run is promoted when
+    smoke passes."""
+    enabled: bool = True
+    """Register the pushed model and run the gate (needs tracking)."""
+    registered_model: str = ""
+    """Model Registry name; empty: the name part of push.repo_id."""
+    metrics: list = dataclasses.field(default_factory=lambda: [
+        {"name": "train/eval_loss_after", "direction": "lower", "tolerance": 0.01}])
+    """[{name, direction: lower|higher (which is better), tolerance}]; name is any metric of the pipeline run
+    (`<step>/<field>` of a step's Output: train/eval_loss_after, smoke/..., merge/...)."""
+
+    def __post_init__(self):
+        for i, m in enumerate(self.metrics):
+            if not isinstance(m, dict) or set(m) - {"name", "direction", "tolerance"} or "name" not in m:
+                raise ValueError(f"promote.metrics[{i}]={m!r} must be a mapping {{name, direction, tolerance}}, e.g. "
+                                 "{name: train/eval_loss_after, direction: lower, tolerance: 0.01}")
+            if m.get("direction", "lower") not in ("lower", "higher"):
+                raise ValueError(f"promote.metrics[{i}].direction={m['direction']!r}: use lower or higher (which is better)")
+            if not isinstance(m.get("tolerance", 0.0), (int, float)) or m.get("tolerance", 0.0) < 0:
+                raise ValueError(f"promote.metrics[{i}].tolerance={m.get('tolerance')!r} must be a number >= 0")
+            if "/" not in m["name"]:
+                raise ValueError(f"promote.metrics[{i}].name={m['name']!r}: metrics are named <step>/<field>, "
+                                 "e.g. train/eval_loss_after or smoke/mean_latency_s")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -212,6 +240,10 @@ def orchestration_config(profile: dict) -> OrchestrationConfig:
     return build(OrchestrationConfig, profile.get("orchestration", {}), section="orchestration")
 
 
+def promote_config(profile: dict) -> PromoteConfig:
+    return build(PromoteConfig, profile.get("promote", {}), section="promote")
+
+
 def step_config(profile: dict, step: str):
     """The typed Config of `step` from its profile section, with the `model` section injected where it takes one."""
     from steps.contract import step_module
@@ -222,8 +254,20 @@ def step_config(profile: dict, step: str):
     return build(cls, profile.get(section, {}), section=section, extra=extra)
 
 
+def resolved(profile: dict) -> dict:
+    """Every key with the value a run would use (defaults filled in), by section: a profile that loads back as it is."""
+    out = {"model": dataclasses.asdict(model_config(profile))}
+    for step, section in SECTION_OF_STEP.items():
+        out[section] = {k: v for k, v in dataclasses.asdict(step_config(profile, step)).items() if k != "model"}
+    out["tracking"] = dataclasses.asdict(tracking_config(profile))
+    out["orchestration"] = dataclasses.asdict(orchestration_config(profile))
+    out["promote"] = dataclasses.asdict(promote_config(profile))
+    return out
+
+
 def validate(profile: dict) -> dict:
     """Every step's Config, built (and so validated) up front: bad input fails before any GPU time is spent."""
     tracking_config(profile)
     orchestration_config(profile)
+    promote_config(profile)
     return {step: step_config(profile, step) for step in SECTION_OF_STEP}

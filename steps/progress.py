@@ -55,7 +55,8 @@ def model_flops_per_token(config, method: str) -> float:
 
 
 class Progress(TrainerCallback):
-    """Forwards every log to the tracker (loss, grad_norm, learning_rate, tokens/s, MFU, peak memory) and the console.
+    """Forwards every log to the tracker (loss, grad_norm, learning_rate, interval_tokens_per_s and interval_mfu since the
+    previous log, peak memory so far) and the console.
 
     tokens/s counts the optimizer steps' own time: checkpoint writes are left out (a save restarts the clock).
     """
@@ -65,7 +66,7 @@ class Progress(TrainerCallback):
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.loss_curve: list[list[float]] = []
         self.lr_curve: list[list[float]] = []  # [step, learning rate] at every logging step (loss_curve.png)
-        self.eval_curve: list[list[float]] = []  # [step, eval loss] whenever the Trainer evaluates
+        self.eval_curve: list[list[float]] = []  # [step, eval loss]: eval_on_start, every eval_steps, the final one
         self.intervals: list[tuple[float, float]] = []  # (tokens, seconds) per log
         self.phases_s: dict[str, float] = {}  # train_setup, first_step, steps
         self.train_called_s = None  # when trainer.train() was called: its own set-up runs before on_train_begin
@@ -121,15 +122,18 @@ class Progress(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if "eval_loss" in logs:
             self.eval_curve.append([state.global_step, float(logs["eval_loss"])])
-        if "loss" not in logs:  # the end-of-training summary log, or an evaluation's
+            self.tracker.log_metrics({"eval_loss": float(logs["eval_loss"])}, step=state.global_step)
+            log.info("train: step %d/%d eval loss %.4f", state.global_step, state.max_steps, logs["eval_loss"])
+            return
+        if "loss" not in logs:  # the end-of-training summary log
             return
         metrics = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if "num_tokens" in logs and self.busy_s > 0:
             tokens = logs["num_tokens"] - self.last_tokens
             self.intervals.append((tokens, self.busy_s))
-            metrics["tokens_per_s"] = tokens / self.busy_s
+            metrics["interval_tokens_per_s"] = tokens / self.busy_s
             if self.peak_flops:
-                metrics["mfu"] = metrics["tokens_per_s"] * self.flops_per_token / (self.peak_flops * self.num_gpus)
+                metrics["interval_mfu"] = metrics["interval_tokens_per_s"] * self.flops_per_token / (self.peak_flops * self.num_gpus)
             self.last_tokens, self.busy_s = logs["num_tokens"], 0.0
         metrics["peak_mem_gib"] = peak_mem_gib(self.device)
         self.tracker.log_metrics(metrics, step=state.global_step)
@@ -139,8 +143,8 @@ class Progress(TrainerCallback):
         eta_s = self.eta_s(state, time.perf_counter())
         log.info("train: step %d/%d loss %.4f grad_norm %.3f lr %.2e %.0f tokens/s%s peak %.1f GiB ETA %s",
                  state.global_step, state.max_steps, metrics["loss"], metrics.get("grad_norm", math.nan),
-                 metrics.get("learning_rate", math.nan), metrics.get("tokens_per_s", math.nan),
-                 f" MFU {metrics['mfu']:.1%}" if "mfu" in metrics else "", metrics["peak_mem_gib"],
+                 metrics.get("learning_rate", math.nan), metrics.get("interval_tokens_per_s", math.nan),
+                 f" MFU {metrics['interval_mfu']:.1%}" if "interval_mfu" in metrics else "", metrics["peak_mem_gib"],
                  "after the next step" if eta_s is None else f"{eta_s:.0f} s")
 
     def steady_tokens_per_s(self) -> float:

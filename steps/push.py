@@ -316,6 +316,5 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
     else:
         url, commit = _push(cfg, model_dir=model_dir, card_path=card_path, token=token)
         log.info("push: uploaded %s at commit %s", url, commit)
-    tracker.log_metrics({"push_num_bytes": num_bytes})
     return Output(repo_id=cfg.repo_id, dry_run=cfg.dry_run, files=files, num_bytes=num_bytes,
                   model_card_path=card_path.name, upload_plan_path=plan_path.name, url=url, commit=commit)

@@ -608,7 +608,8 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
     tracker.log_artifact(report_path)
     tracker.log_artifact(md_path)
     tracker.log_artifact(server_log)
-    tracker.log_metrics({f"smoke_{k.replace('.', '_')}": v for k, v in metrics.items()})
+    # As smoke/<name>, the names the promotion gate reads; logged here because a failed test writes no Output.
+    tracker.log_metrics(metrics)
     if failed:
         # A result, not a crash: one line naming the checks (and the first one's detail), the report has the rest.
         first = next(c for c in checks if c["name"] in failed)

@@ -7,6 +7,7 @@ class Tracker(Protocol):
     def log_params(self, params: dict) -> None: ...
     def log_metrics(self, metrics: dict[str, float], *, step: int | None = None) -> None: ...
     def log_artifact(self, path: Path) -> None: ...
+    def log_dataset(self, *, name: str, source: str, revision: str, digest: str, num_rows: int, context: str) -> None: ...
 
 
 class NullTracker:
@@ -19,4 +20,7 @@ class NullTracker:
         pass
 
     def log_artifact(self, path: Path) -> None:
+        pass
+
+    def log_dataset(self, *, name: str, source: str, revision: str, digest: str, num_rows: int, context: str) -> None:
         pass

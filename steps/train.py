@@ -109,6 +109,9 @@ class Config:
     """Seed of data order, LoRA initialisation and dropout."""
     logging_steps: int = 1
     """Log metrics (console and tracker) every this many optimizer steps."""
+    eval_steps: int = 0
+    """With an eval split (data.eval_fraction > 0): also measure the eval loss every this many optimizer steps; 0
+    measures it only before the first step and after the last."""
     fsdp: bool = False
     """Shard parameters, gradients and optimizer state over every process with FSDP2 (one unit per decoder layer);
     launch with `torchrun --nproc-per-node N -m flows.cli step train …`. Rank 0 alone loads the weights and hands
@@ -151,6 +154,8 @@ class Config:
                              "for none)")
         if not self.learning_rate > 0:
             raise ValueError(f"train.learning_rate={self.learning_rate} must be positive, e.g. 2e-4 for LoRA")
+        if self.eval_steps < 0:
+            raise ValueError(f"train.eval_steps={self.eval_steps} must be 0 (before and after training only) or positive")
         for name in ("lora_r", "lora_alpha", "per_device_batch_size", "grad_accum_steps", "max_length", "save_steps",
                      "num_checkpoints_kept", "logging_steps"):
             if getattr(self, name) < 1:
@@ -207,6 +212,14 @@ class Output:
     GPU), steps (the other steps, checkpoints included), save."""
     compile_cache: dict
     """On GPU: the cache folder and how many compiled graphs step 1 took from it (hits) or compiled (misses)."""
+    eval_loss_before: float | None = None
+    """Loss on the harmony step's eval split before the first optimizer step of this run (of the checkpoint it
+    resumed from, when it resumed); None without an eval split (data.eval_fraction=0)."""
+    eval_loss_after: float | None = None
+    """Loss on the eval split after the last step: what the promotion gate compares by default."""
+    num_eval_rows: int = 0
+    eval_curve: list = field(default_factory=list)
+    """[[step, eval loss], ...]: before, every train.eval_steps, after."""
 
 
 def last_complete_checkpoint(checkpoints_dir: Path) -> Path | None:
@@ -375,6 +388,10 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
     if missing:
         raise ValueError(f"the harmony dataset {data_dir} lacks column(s) {sorted(missing)}; re-run the harmony step")
     dataset = dataset.select_columns(["input_ids", "assistant_masks"])
+    eval_dataset = (load_from_disk(harmony["eval_data_dir"]).select_columns(["input_ids", "assistant_masks"])
+                    if harmony.get("eval_data_dir") else None)
+    if eval_dataset is None:
+        log.info("train: no eval split (data.eval_fraction=0), so no eval loss is measured")
     longest = max(len(ids) for ids in dataset["input_ids"])
     if longest > cfg.max_length:
         raise _too_short(cfg, longest)
@@ -412,6 +429,12 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
         save_steps=cfg.save_steps,
         save_total_limit=cfg.num_checkpoints_kept,
         logging_steps=cfg.logging_steps,
+        # The eval loss before the first step and (below) after the last; every eval_steps in between when asked.
+        eval_on_start=eval_dataset is not None,
+        eval_strategy="steps" if eval_dataset is not None and cfg.eval_steps else "no",
+        eval_steps=cfg.eval_steps or None,
+        per_device_eval_batch_size=cfg.per_device_batch_size,
+        prediction_loss_only=True,
         seed=cfg.seed,
         report_to="none",
         fsdp=cfg.fsdp,
@@ -499,8 +522,8 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
             self.pack_s = getattr(self, "pack_s", 0.0) + time.perf_counter() - start
             return prepared
 
-    trainer = Trainer(model=net, args=args, train_dataset=dataset, processing_class=tokenizer,
-                      peft_config=peft_config, callbacks=[progress])
+    trainer = Trainer(model=net, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
+                      processing_class=tokenizer, peft_config=peft_config, callbacks=[progress])
     lora_s = getattr(trainer, "pack_start_s", mark[0]) - mark[0]
     phases_s["lora"], phases_s["pack"] = round(lora_s, 1), round(getattr(trainer, "pack_s", 0.0), 1)
     log.info("train: %s in %.1f s, data prepared (%s) in %.1f s", "LoRA applied" if peft_config else "model wrapped",
@@ -531,6 +554,9 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
             + ("" if cfg.gradient_checkpointing else ", or set train.gradient_checkpointing=true (44 GiB instead of 66 "
                "for gpt-oss-20b LoRA with 8k packed rows on an H100, ~28% slower)")
             + ("" if cfg.fsdp or cfg.method == "lora" else ", or shard with train.fsdp=true under torchrun")) from e
+    if eval_dataset is not None and (not progress.eval_curve or progress.eval_curve[-1][0] != trainer.state.global_step):
+        with cpu_lm_head(cfg.device):
+            trainer.evaluate()  # Progress records it
     if not progress.loss_curve:
         raise ValueError(f"training logged no loss (train.logging_steps={cfg.logging_steps} > steps run "
                          f"{trainer.state.global_step}); lower train.logging_steps")
@@ -568,16 +594,19 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
         train_runtime_s=round(result.metrics["train_runtime"], 2),
         phases_s=phases_s,
         compile_cache={"dir": str(compile_cache), **progress.first_step_compiles} if compile_cache else {},
+        eval_loss_before=progress.eval_curve[0][1] if progress.eval_curve else None,
+        eval_loss_after=progress.eval_curve[-1][1] if progress.eval_curve else None,
+        num_eval_rows=len(eval_dataset) if eval_dataset is not None else 0,
+        eval_curve=progress.eval_curve,
     )
-    tracker.log_metrics({"train_runtime_s": output.train_runtime_s, "train_tokens_per_s": output.tokens_per_s,
-                         "train_peak_mem_gib": output.peak_mem_gib})
     if is_main:
         _plot_loss(progress, out_dir / "loss_curve.png",
                    title=f"{out_dir.resolve().parent.name}/{out_dir.name}, profile {os.environ.get('FINETUNE_PROFILE', '?')}: "
-                         f"{cfg.method} fine-tune of {cfg.model.name}")
+                         f"{cfg.method} fine-tune of {cfg.model.name}, lr {cfg.learning_rate:g}")
         tracker.log_artifact(out_dir / "loss_curve.png")
-    log.info("train: %d steps in %.0f s, loss %.4f -> %.4f, %.0f tokens/s, peak %.1f GiB; saved %s",
+    log.info("train: %d steps in %.0f s, loss %.4f -> %.4f, eval loss %s, %.0f tokens/s, peak %.1f GiB; saved %s",
              output.num_steps, output.train_runtime_s, output.train_loss_first, output.train_loss_last,
+             f"{output.eval_loss_before:.4f} -> {output.eval_loss_after:.4f}" if output.eval_curve else "not measured",
              output.tokens_per_s, output.peak_mem_gib, out_dir / "model")
     log.info("train: seconds by phase: %s", ", ".join(f"{k} {v:.1f}" for k, v in phases_s.items()))
     return output
@@ -590,21 +619,26 @@ def _plot_loss(progress, path: Path, *, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([s for s, _ in progress.loss_curve], [loss for _, loss in progress.loss_curve], color="#4477aa",
-            label="training loss")
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    ax.plot([s for s, _ in progress.loss_curve], [loss for _, loss in progress.loss_curve], color="tab:blue",
+            linewidth=1.5, label="training loss")
     if progress.eval_curve:
-        ax.plot([s for s, _ in progress.eval_curve], [loss for _, loss in progress.eval_curve], "o-", color="#228833",
-                label="eval loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
+        eval_curve = progress.eval_curve
+        ax.plot([s for s, _ in eval_curve], [loss for _, loss in eval_curve], "o", color="tab:orange", markersize=8,
+                linestyle=":" if len(eval_curve) > 2 else "none", label="eval loss")
+        for step, loss in (eval_curve[0], eval_curve[-1]):
+            ax.annotate(f"{loss:.3f}", (step, loss), textcoords="offset points", xytext=(6, 6), color="tab:orange")
+    ax.set_xlabel("optimizer step", fontsize=11)
+    ax.set_ylabel("loss (cross-entropy, nats/token)", fontsize=11)
+    ax.margins(y=0.1)  # room for the eval loss labels
+    ax.grid(True, alpha=0.3)
     lr_ax = ax.twinx()
     lr_ax.plot([s for s, _ in progress.lr_curve], [lr for _, lr in progress.lr_curve], color="#cc6677", alpha=0.7,
                linestyle="--", label="learning rate")
-    lr_ax.set_ylabel("learning rate")
+    lr_ax.set_ylabel("learning rate", fontsize=11)
     lines = ax.get_legend_handles_labels(), lr_ax.get_legend_handles_labels()
-    ax.legend(lines[0][0] + lines[1][0], lines[0][1] + lines[1][1], loc="upper right")
-    ax.set_title(title, fontsize=9)
+    ax.legend(lines[0][0] + lines[1][0], lines[0][1] + lines[1][1], loc="upper right", fontsize=10)
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path)
     plt.close(fig)

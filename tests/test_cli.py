@@ -60,7 +60,7 @@ def test_step_runs_and_is_skipped_the_second_time(repo, tmp_path):
     second = finetune("step", "fetch", "--config", PROFILE, "--out", str(out), "data.max_rows=30", cwd=repo)
     assert second.returncode == 0 and "skipped" in second.stderr
     output = json.loads((out / "manifest.json").read_text())["output"]
-    assert output["num_train"] + sum(output["num_dropped"].values()) == 30
+    assert output["num_train"] + output["num_eval"] + sum(output["num_dropped"].values()) == 30
 
 
 def test_check_validates_a_profile(repo):

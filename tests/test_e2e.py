@@ -126,7 +126,7 @@ def test_finetune_run_interrupted_then_broken_at_smoke_then_resumes(tmp_path):
     interrupted, first, second = (children[p.info.run_id] for p in parents)
     assert set(interrupted) == {"fetch", "harmony", "train"} and interrupted["train"].info.status == "KILLED"
     assert set(first) == set(STEPS) and first["smoke"].info.status == "FAILED"
-    assert "loss" in first["train"].data.metrics and first["train"].data.params["train.method"] == "full"
+    assert "train/loss" in first["train"].data.metrics and first["train"].data.params["train.method"] == "full"
     assert second["smoke"].info.status == "FINISHED"
     artifacts = {a.path for a in client.list_artifacts(second["smoke"].info.run_id)}
     assert {"report.json", "report.md", "manifest.json"} <= artifacts

@@ -133,8 +133,8 @@ def test_metrics_reach_the_tracker_every_step(lora_run):
     per_step = [(step, m) for step, m in tracker.metrics if "loss" in m]
     assert [step for step, _ in per_step] == list(range(1, 7))
     for _, m in per_step:
-        assert {"loss", "grad_norm", "learning_rate", "tokens_per_s", "peak_mem_gib"} <= set(m)
-        assert m["tokens_per_s"] > 0 and m["peak_mem_gib"] > 0
+        assert {"loss", "grad_norm", "learning_rate", "interval_tokens_per_s", "peak_mem_gib"} <= set(m)
+        assert m["interval_tokens_per_s"] > 0 and m["peak_mem_gib"] > 0
     assert [s for s, _ in output.loss_curve] == list(range(1, 7))
     assert output.tokens_per_s > 0 and output.train_runtime_s > 0
     assert (out_dir / "loss_curve.png").stat().st_size > 1000
