@@ -201,7 +201,8 @@ class MlflowTracker:
 
 def output_numbers(output: dict) -> dict[str, float]:
     """An Output's numbers by name; its `metrics` field (smoke's flat {name: number}, the names the step logs itself
-    when it fails and writes no Output) keeps its own names: smoke/language_adherence, not smoke/metrics.language_adherence."""
+    when it fails and writes no Output) keeps its own names: smoke/language_adherence, not
+    smoke/metrics.language_adherence."""
     return {**_numbers({k: v for k, v in output.items() if k != "metrics"}), **_numbers(output.get("metrics") or {})}
 
 

@@ -125,7 +125,7 @@ def test_out_and_input_mistakes_are_one_line(repo, tmp_path):
     r = finetune("run", "--out", str(tmp_path / "file"), cwd=repo)
     assert "is a file, not a folder" in one_line_error(r)
     fetch = tmp_path / "fetch"
-    assert finetune("step", "fetch", "--config", PROFILE, "--out", str(fetch), "data.max_rows=30", cwd=repo).returncode == 0
+    assert finetune("step", "fetch", "--config", PROFILE, "--out", str(fetch), "data.max_rows=10", cwd=repo).returncode == 0
     r = finetune("step", "merge", "--config", PROFILE, "--input", f"train={fetch}", "--out", str(tmp_path / "m"), cwd=repo)
     assert f"--input train={fetch} holds the output of the fetch step; step merge needs the train step's out dir" in one_line_error(r)
 

@@ -94,10 +94,16 @@ def _env(tmp: Path) -> dict:
             "FINETUNE_SYSTEM_METRICS_INTERVAL_S": "1", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
 
 
+# The tiny profile trains on every bundled row (its gate reads smoke's adherence); the gate here also compares the eval
+# loss, over a 5% eval split.
+EVAL_GATE = ["data.eval_fraction=0.05", "promote.metrics=[{name: train/eval_loss_after, direction: lower, tolerance: 0.05}, "
+             "{name: smoke/language_adherence, direction: higher, tolerance: 0.125}]"]
+
+
 def _finetune_run(out: Path, *overrides, server, hub, env):
     return subprocess.run([sys.executable, "-m", "flows.cli", "run", "--out", str(out), f"tracking.uri={server.uri}",
                            "push.dry_run=false", f"push.endpoint={hub.url}", f"push.repo_id=test-org/{MODEL}",
-                           *tiny_pipeline.OVERRIDES, "smoke.languages=[English]", "smoke.max_tokens=32",
+                           *tiny_pipeline.OVERRIDES, *EVAL_GATE, "smoke.languages=[English]", "smoke.max_tokens=32",
                            "train.save_steps=1000", *overrides],
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=1500)
 
@@ -293,6 +299,7 @@ def test_cli_steps_nest_under_one_parent_and_train_survives_the_server_dying(mlf
     def step(name, *inputs, **popen):
         cmd = [sys.executable, "-m", "flows.cli", "step", name, "--config", config, "--out", str(tmp_path / name),
                "--parent-run-id", parent, "--tracking-uri", mlflow_server.uri, "train.max_steps=6", "train.save_steps=1000",
+               "data.eval_fraction=0.05",
                *[f"--input={i}={tmp_path / i}" for i in inputs]]
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
