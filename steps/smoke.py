@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -586,6 +587,10 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
                 checks += stream_checks
     finally:
         _stop(proc, cfg.stop_grace_s)
+        if cfg.backend == "transformers":
+            # Its links name model_dir as this process sees it (/runs/… in a container): of no use once the server
+            # has stopped, and dangling outside the container.
+            shutil.rmtree(env["HF_HUB_CACHE"])
     answered = [r for r in requests if "completion_tokens" in r]
     total_s = sum(r["latency_s"] for r in answered)
     failed = [c["name"] for c in checks if not c["passed"] and c.get("counts", True)]
