@@ -2,7 +2,8 @@
 
     finetune run [--config configs/tiny-cpu.yaml] [--out runs/latest] [section.key=value …]     (in-process)
     prefect deployment run finetune/dev --watch                                                 (in-process, a worker)
-    prefect deployment run finetune/prod                          (each step its deployment step/<name>: prefect.yaml)
+    prefect deployment run finetune/prod                          (each step its deployment step/<name>: prefect.yaml;
+                                                                   train with train.nodes > 1 a TrainJob: flows/trainjob.py)
 """
 import json
 import logging
@@ -10,6 +11,7 @@ import os
 import re
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Literal
 
@@ -82,8 +84,8 @@ def _transient(task, task_run, state) -> bool:
 
 @task(cache_policy=NO_CACHE, retry_condition_fn=_transient)
 def run_step_deployment(name: str, config: str, out: Path, overrides: list[str], tracking: dict,
-                        timeout_s: int | None) -> dict:
-    """Step `name` as the flow run of its deployment step/<name>; fails with the child's message and link unless
+                        timeout_s: int | None, deployment: str) -> dict:
+    """Step `name` as the flow run of `deployment` (step/<name>, or step/<name>-k8s); fails with the child's message and link unless
     the child completed. `run_deployment` itself returns the child whatever its final state."""
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
@@ -92,7 +94,7 @@ def run_step_deployment(name: str, config: str, out: Path, overrides: list[str],
 
     manifest_path = out / name / contract.MANIFEST
     before = manifest_path.read_text() if manifest_path.is_file() else None
-    child = run_deployment(f"step/{name}", timeout=timeout_s, poll_interval=2,
+    child = run_deployment(deployment, timeout=timeout_s, poll_interval=2,
                            parameters={"name": name, "config": config, "out": str(out), "overrides": list(overrides),
                                        "tracking": tracking})
     link = url_for("flow-run", obj_id=child.id)
@@ -109,6 +111,38 @@ def run_step_deployment(name: str, config: str, out: Path, overrides: list[str],
     manifest = json.loads(manifest_path.read_text())
     return {"step": name, "status": "skipped (already done)" if manifest_path.read_text() == before else "ran",
             "out_dir": str(out / name), "duration_s": manifest["duration_s"], "flow_run": link}
+
+
+@task(cache_policy=NO_CACHE, retry_condition_fn=_transient)
+def run_train_job(config: str, out: Path, overrides: list[str], tracking: dict, timeout_s: int | None) -> dict:
+    """train.nodes > 1: the train step as a Kubeflow Trainer TrainJob created through the Kubernetes API and waited for
+    (flows/trainjob.py); fails with the pods' failure reason. A retry creates a new TrainJob, which resumes from the
+    last checkpoint the lost one wrote."""
+    from prefect.variables import Variable
+
+    from flows import trainjob
+
+    profile = profiles.load_profile(config, list(overrides))
+    cfg, inputs = profiles.step_config(profile, "train"), {"harmony": out / "harmony"}
+    manifest_path = out / "train" / contract.MANIFEST
+    if manifest_path.is_file() and (json.loads(manifest_path.read_text())["fingerprint"]
+                                    == contract.fingerprint("train", cfg, inputs)):
+        # Skipped here rather than by the step itself: no nodes are held only to find the step done.
+        return {"step": "train", "status": "skipped (already done)", "out_dir": str(out / "train"),
+                "duration_s": json.loads(manifest_path.read_text())["duration_s"]}
+    job = trainjob.render(trainjob.load_template(), profile, name=f"finetune-train-{uuid.uuid4().hex[:8]}",
+                          image_tag=Variable.get("finetune_image_tag"), config=config, out_dir=out,
+                          overrides=overrides, tracking=tracking)
+    try:
+        trainjob.run(job, namespace=job["metadata"]["namespace"], timeout_s=timeout_s)
+    except TimeoutError as e:
+        raise StepTimedOut("train", timeout_s, f" ({e})") from None
+    if not manifest_path.is_file():
+        raise RuntimeError(f"TrainJob {job['metadata']['name']} completed but {manifest_path} is missing: this flow and "
+                           "the TrainJob's nodes must mount the same ReadWriteMany claim at /runs (infra/k8s/storage.yaml)")
+    manifest = json.loads(manifest_path.read_text())
+    return {"step": "train", "status": "ran", "out_dir": str(out / "train"), "duration_s": manifest["duration_s"],
+            "trainjob": f"{job['metadata']['namespace']}/{job['metadata']['name']}"}
 
 
 def _run_label(config: str, overrides: list[str]) -> str:
@@ -156,20 +190,26 @@ CLEANED_UP = threading.Event()
 # The steps' lines reach the flow-run logs through the "finetune" logger (PREFECT_LOGGING_EXTRA_LOGGERS, above).
 @flow(name="finetune", flow_run_name=_run_name)
 def finetune(config: str = str(profiles.DEFAULT_PROFILE), out: str = "runs/latest", overrides: list[str] = (),
-             dataset_revision: str = "", dispatch: Literal["in-process", "deployments"] = "in-process") -> list[dict]:
-    """dispatch=deployments runs each step as its deployment step/<name>, on its runtime's pool and image
-    (prefect.yaml); `out` must then be a folder every pool mounts at the same path (/runs)."""
+             dataset_revision: str = "", dispatch: Literal["in-process", "deployments", "kubernetes"] = "in-process"
+             ) -> list[dict]:
+    """dispatch=deployments runs each step as its deployment step/<name>, on its runtime's docker pool and image
+    (prefect.yaml), dispatch=kubernetes as step/<name>-k8s on the k8s pool; `out` must then be a folder every pool
+    mounts at the same path (/runs)."""
     logger = get_run_logger()
     overrides = list(overrides) + ([f"data.revision={dataset_revision}"] if dataset_revision else [])
     out_dir = Path(out).resolve()
     profile = profiles.load_profile(config, overrides)
+    num_train_nodes = profiles.step_config(profile, "train").nodes
+    # In-process, every step's config is checked before the first step starts. With dispatch=deployments no image
+    # holds every step's packages (a step's module imports them), so each step/<name> checks its own config in its
+    # container before it starts work (`finetune check` checks them all where every extra is installed).
     if dispatch == "in-process":
-        profiles.validate(profile)  # every step's config is checked before the first step starts
+        profiles.validate(profile)
         check_environment(profile)
-    else:
-        # No image holds every step's packages (a step's module imports them), so each step/<name> checks its own
-        # config in its container before it starts work (`finetune check` checks them all where every extra is).
-        profiles.tracking_config(profile)
+        if num_train_nodes > 1:
+            raise ValueError(f"train.nodes={num_train_nodes}: a multi-node train step runs as a Kubeflow TrainJob, "
+                             "which the prod flow creates (dispatch=deployments or kubernetes, with a Kubernetes API); set "
+                             "train.nodes=1 to train here")
     tracking_cfg = profiles.tracking_config(profile)
     orchestration = profiles.orchestration_config(profile)
     tracking = {}
@@ -195,11 +235,17 @@ def finetune(config: str = str(profiles.DEFAULT_PROFILE), out: str = "runs/lates
                     # No timeout here: Prefect's in-process one is a SIGALRM whose exception Python drops when it lands
                     # in a finalizer (seen: train ran on for 9 minutes past a 5 s limit). A deployment's is enforced.
                     results.append(run_step.with_options(name=name)(name, profile, out_dir, tracking))
-                else:
-                    dispatched = run_step_deployment.with_options(
-                        name=f"step/{name}", retries=orchestration.retries,
+                elif name == "train" and num_train_nodes > 1:
+                    dispatched = run_train_job.with_options(
+                        name="trainjob/train", retries=orchestration.retries,
                         retry_delay_seconds=exponential_backoff(backoff_factor=orchestration.retry_delay_s))
-                    results.append(dispatched(name, config, out_dir, overrides, tracking, timeout_s))
+                    results.append(dispatched(config, out_dir, overrides, tracking, timeout_s))
+                else:
+                    deployment = f"step/{name}" + ("-k8s" if dispatch == "kubernetes" else "")
+                    dispatched = run_step_deployment.with_options(
+                        name=deployment, retries=orchestration.retries,
+                        retry_delay_seconds=exponential_backoff(backoff_factor=orchestration.retry_delay_s))
+                    results.append(dispatched(name, config, out_dir, overrides, tracking, timeout_s, deployment))
             except ValueError as err:
                 if name != "smoke":
                     raise

@@ -116,6 +116,13 @@ class Config:
     """Shard parameters, gradients and optimizer state over every process with FSDP2 (one unit per decoder layer);
     launch with `torchrun --nproc-per-node N -m flows.cli step train …`. Rank 0 alone loads the weights and hands
     each rank its shard; checkpoints are sharded, the final model is one consolidated folder."""
+    nodes: int = 1
+    """Machines the run spans. 1: this process's own launch (`torchrun --nproc-per-node N` on one host, or none);
+    more: the prod flow runs the step as a Kubeflow Trainer TrainJob of this many nodes (infra/k8s/trainjob.yaml), each
+    running this same step under torchrun with train.gpus_per_node processes."""
+    gpus_per_node: int = 8
+    """GPUs per node, one training process each, with train.nodes > 1 (world size = nodes x gpus_per_node); with
+    train.device=cpu, processes per node."""
     fsdp_cpu_offload: bool = False
     """With fsdp: keep the sharded parameters, gradients and optimizer state in host memory, moving each layer to the
     GPU only while it computes (slower; for models whose shards do not fit, e.g. gpt-oss-120b on 8 x 80 GB)."""
@@ -177,6 +184,8 @@ class Config:
         if self.method == "lora" and self.lora_target_modules == [] and self.lora_expert_layers == []:
             raise ValueError("train.lora_target_modules and train.lora_expert_layers are both empty: LoRA would train "
                              "nothing; set train.lora_target_modules=all-linear")
+        if self.nodes < 1 or self.gpus_per_node < 1:
+            raise ValueError(f"train.nodes={self.nodes} and train.gpus_per_node={self.gpus_per_node} must be at least 1")
         if self.fsdp_cpu_offload and not self.fsdp:
             raise ValueError("train.fsdp_cpu_offload=true needs train.fsdp=true (offload moves FSDP shards to the host)")
         if self.fsdp_cpu_offload and self.device == "cpu":
@@ -367,6 +376,11 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
         os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
         os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
         os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
+    if cfg.nodes > 1 and int(os.environ.get("WORLD_SIZE", "1")) != cfg.nodes * cfg.gpus_per_node:
+        raise ValueError(f"train.nodes={cfg.nodes} x train.gpus_per_node={cfg.gpus_per_node} = "
+                         f"{cfg.nodes * cfg.gpus_per_node} processes, but this launch has WORLD_SIZE="
+                         f"{os.environ.get('WORLD_SIZE', '1 (no torchrun)')}; run it as the TrainJob the prod flow creates "
+                         "(torchrun reads PET_NNODES and PET_NPROC_PER_NODE), or fix the two keys")
     if cfg.fsdp:
         if "WORLD_SIZE" not in os.environ:
             raise ValueError("train.fsdp=true needs a distributed launch: run torchrun --nproc-per-node N -m flows.cli "

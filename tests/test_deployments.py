@@ -207,7 +207,8 @@ def prefect(step_images, tmp_path_factory):
 def test_deployments_read_back_from_the_server(prefect):
     declared = yaml.safe_load((REPO / "prefect.yaml").read_text())
     names = [f"{'finetune' if d['entrypoint'].endswith(':finetune') else 'step'}/{d['name']}" for d in declared["deployments"]]
-    assert sorted(names) == sorted(["finetune/prod", "finetune/dev", *(f"step/{s}" for s in STEPS)])
+    assert sorted(names) == sorted(["finetune/prod", "finetune/prod-k8s", "finetune/dev",
+                                    *(f"step/{s}" for s in STEPS), *(f"step/{s}-k8s" for s in STEPS)])
     got = prefect.query("""
 out = {}
 for d in client.read_deployments():
@@ -248,6 +249,15 @@ print(json.dumps({"deployments": out, "pools": pools, "automations": automations
         assert d["parameters"]["name"] == step
         assert d["pull"] == [{"prefect.deployments.steps.set_working_directory": {"directory": "/opt/finetune"}}], step
     assert prod["pull"] == deployments["step/fetch"]["pull"]
+    # The same on the k8s pool (infra/k8s's worker): prod-k8s's schedule is there but off, its steps step/<name>-k8s.
+    k8s = deployments["finetune/prod-k8s"]
+    assert k8s["pool"] == "k8s" and k8s["parameters"]["dispatch"] == "kubernetes" and k8s["limit"] == 1
+    assert k8s["schedules"] == [{"cron": "0 2 * * *", "timezone": "Europe/Paris", "active": False}]
+    for step in STEPS:
+        d = deployments[f"step/{step}-k8s"]
+        assert d["pool"] == "k8s" and d["parameters"]["name"] == step, step
+        assert d["job_variables"]["image"] == deployments[f"step/{step}"]["job_variables"]["image"], step
+        assert d["job_variables"].get("gpu_count", 0) == (1 if POOL_OF_RUNTIME[RUNTIMES[step]] == "gpu" else 0), step
 
     # The pools as setup.sh declared them (infra/prefect/pools.yaml), after two runs.
     assert {name: p["type"] for name, p in pools.items()} == {"process": "process", "cpu": "docker", "gpu": "docker",
@@ -442,7 +452,8 @@ def _step_containers(step: str) -> dict[str, str]:
 
 
 def test_prod_retries_a_crashed_step_and_cancels_one_past_its_timeout(prefect):
-    """finetune/prod (tiny): step/harmony's container is killed while it runs (the flow run Crashes: retried, after
+    """finetune/prod (tiny): step/harmony's container is killed as soon as it runs (the worker reads exit code 137
+    even when the flow run had not started yet: the pools keep exited containers; the flow run Crashes: retried, after
     orchestration.retry_delay_s, and the retry completes); step/train then waits past orchestration.timeout_s.train=1
     (no gpu worker runs here): cancelled, not retried, and the parent fails naming the limit."""
     _label_cpu_containers(prefect)
@@ -452,7 +463,8 @@ def test_prod_retries_a_crashed_step_and_cancels_one_past_its_timeout(prefect):
     started = time.time()
     parent_id = prefect.start_run("finetune/prod", config="configs/tiny-cpu.yaml", out="/runs/prod-retry",
                                   dataset_revision="", overrides=["orchestration.retry_delay_s=1",
-                                                                  "orchestration.timeout_s.train=1"])
+                                                                  "orchestration.timeout_s.train=1",
+                                                                  "orchestration.timeout_s.harmony=300"])
     new = lambda step: [r for r in prefect.runs_of(f"step/{step}") if r["id"] not in before[step]]  # noqa: E731
     deadline = time.time() + 600
     while not (containers := _step_containers("harmony")):
