@@ -31,6 +31,7 @@ from mlflow import MlflowClient
 
 from steps.contract import STEPS
 from steps.profile import CONFIGS_DIR
+from tests import tiny_pipeline
 
 pytestmark = pytest.mark.integration
 REPO = CONFIGS_DIR.parent
@@ -274,9 +275,8 @@ def pipeline(stack):
     with log.open("w") as out_file:
         proc = subprocess.Popen(
             [sys.executable, "-m", "flows.cli", "run", "--out", str(out), f"tracking.uri={stack['mlflow_uri']}",
-             # The profile's whole training (fewer steps and the model leaks Harmony tokens: smoke, and so the flow
-             # run, fails); a shorter smoke test.
-             "train.save_steps=1000", "smoke.languages=[English]", "smoke.max_tokens=32", "smoke.check_language=false"],
+             # The plumbing tests' training (tests/tiny_pipeline.py) and a shorter smoke test.
+             *tiny_pipeline.OVERRIDES, "train.save_steps=1000", "smoke.languages=[English]", "smoke.max_tokens=32"],
             cwd=REPO, env=env, stdout=out_file, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         returncode = proc.wait(timeout=1800)  # minutes on an idle 2-core machine; far more on a shared one
