@@ -35,4 +35,4 @@ system-deps:
 	[ "$$(id -u)" != 0 ] || id -u postgres >/dev/null 2>&1 || useradd --system --home-dir /var/lib/postgresql postgres
 
 test: setup system-deps
-	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not gpu and not sglang" $(PYTEST_ARGS)

@@ -76,6 +76,7 @@ def _checked_profile(args) -> tuple[dict, dict]:
 
 
 def cmd_step(args) -> None:
+    os.environ["FINETUNE_PROFILE"] = str(args.config)  # named in the plots' titles (train's loss_curve.png)
     if os.environ.get("FINETUNE_RUNTIME"):  # set by the step images (images/*.Dockerfile)
         _check_mounted(args.out, "--out")
         for pair in args.input:
@@ -171,6 +172,7 @@ class _NoTracebackForUserErrors(logging.Filter):
 
 
 def cmd_run(args) -> None:
+    os.environ["FINETUNE_PROFILE"] = str(args.config)  # named in the plots' titles (train's loss_curve.png)
     _checked_profile(args)  # before Prefect starts (~20 s), so a typo costs a second and prints one line
     contract.check_out_dir(args.out)
     from flows.finetune import CLEANED_UP, finetune

@@ -196,7 +196,14 @@ class MlflowTracker:
     def log_output(self, output: dict) -> None:
         """Every number in the step's Output as `<step>/<field>` (nested fields joined by "."): one scheme for every
         step, including fields added later (smoke's)."""
-        self.log_metrics(_numbers(output))
+        self.log_metrics(output_numbers(output))
+
+
+def output_numbers(output: dict) -> dict[str, float]:
+    """An Output's numbers by name; its `metrics` field (smoke's flat {name: number}, the names the step logs itself
+    when it fails and writes no Output) keeps its own names: smoke/language_adherence, not
+    smoke/metrics.language_adherence."""
+    return {**_numbers({k: v for k, v in output.items() if k != "metrics"}), **_numbers(output.get("metrics") or {})}
 
 
 def _numbers(d: dict, prefix: str = "") -> dict[str, float]:
@@ -321,7 +328,7 @@ def step_run(tracking: dict, step: str):
         if skipped:  # the pipeline run still describes its whole model: the earlier output's figures on the parent
             now = int(time.time() * 1000)
             server.call("log_batch", run_id=tracking["parent_run_id"], params=[], tags=[],
-                        metrics=[(f"{step}/{k}", float(v), now, 0) for k, v in _numbers(manifest["output"]).items()])
+                        metrics=[(f"{step}/{k}", float(v), now, 0) for k, v in output_numbers(manifest["output"]).items()])
         else:
             tracker.log_output(manifest["output"])
 

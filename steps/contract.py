@@ -35,16 +35,55 @@ def step_module(name: str):
     return importlib.import_module(f"steps.{name}")
 
 
+MODEL_FOLDER = "model-folder"  # the `step` of a plain Hugging Face model folder given as an input (no manifest)
+
+
+def is_model_folder(path: Path) -> bool:
+    """A plain Hugging Face model folder (config.json, no manifest): what smoke and push also take as --input merge=."""
+    return (Path(path) / "config.json").is_file() and not (Path(path) / MANIFEST).exists()
+
+
+_model_folder_manifests: dict = {}
+
+
+def model_folder_manifest(folder: Path) -> dict:
+    """The manifest a plain model folder stands for: its files' sha256 as the fingerprint (so an edited or replaced
+    file is seen), the folder itself as the model. Hashed once per process and folder state (gpt-oss-20b: ~13 GB)."""
+    folder = Path(folder).resolve()
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    state = (str(folder), tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+    if state not in _model_folder_manifests:
+        h = hashlib.sha256()
+        for p in files:
+            digest = hashlib.sha256()
+            with p.open("rb") as f:
+                while chunk := f.read(1 << 24):
+                    digest.update(chunk)
+            h.update(f"{p.relative_to(folder).as_posix()}\0{digest.hexdigest()}\n".encode())
+        _model_folder_manifests[state] = {
+            "step": MODEL_FOLDER, "fingerprint": h.hexdigest(), "config": {}, "inputs": {},
+            "output": {"model_dir": ".", "num_files": len(files), "num_bytes": sum(p.stat().st_size for p in files)}}
+    return json.loads(json.dumps(_model_folder_manifests[state]))  # a copy: callers resolve paths in it
+
+
 def read_manifest(step_dir: Path) -> dict:
     path = Path(step_dir) / MANIFEST
     if not path.is_file():
+        if is_model_folder(step_dir):
+            return model_folder_manifest(step_dir)
         raise ValueError(f"{step_dir} holds no {MANIFEST}: that step has not finished; run it first (finetune step ... --out {step_dir})")
     return json.loads(path.read_text())
 
 
 def read_input_manifest(step: str, upstream: str, step_dir: Path) -> dict:
-    """The manifest of the out dir given as `--input upstream=step_dir`, checked to be that step's."""
+    """The manifest of the out dir given as `--input upstream=step_dir`, checked to be that step's (or, where the step
+    takes one, a plain model folder)."""
     manifest = read_manifest(step_dir)
+    if manifest.get("step") == MODEL_FOLDER:
+        if upstream not in getattr(step_module(step), "MODEL_FOLDER_INPUTS", ()):
+            raise ValueError(f"--input {upstream}={step_dir} is a plain model folder (config.json, no {MANIFEST}); step "
+                             f"{step} needs the {upstream} step's out dir there (e.g. {Path(step_dir).parent / upstream})")
+        return manifest
     if manifest.get("step") != upstream:
         raise ValueError(f"--input {upstream}={step_dir} holds the output of the {manifest.get('step')} step; step {step} "
                          f"needs the {upstream} step's out dir there (e.g. {Path(step_dir).parent / upstream})")
@@ -164,9 +203,10 @@ def execute(name: str, cfg, *, out_dir: Path, inputs: Mapping[str, Path] | None 
     missing = [k for k in module.INPUTS if k not in inputs]
     if missing:
         raise ValueError(f"step {name} needs --input {missing[0]}=DIR (the out dir of the {missing[0]} step)")
-    extra = [k for k in inputs if k not in module.INPUTS]
+    accepted = (*module.INPUTS, *getattr(module, "OPTIONAL_INPUTS", ()))
+    extra = [k for k in inputs if k not in accepted]
     if extra:
-        raise ValueError(f"step {name} takes no input {extra[0]!r}; it reads {', '.join(module.INPUTS) or 'no inputs'}")
+        raise ValueError(f"step {name} takes no input {extra[0]!r}; it reads {', '.join(accepted) or 'no inputs'}")
     for upstream, step_dir in inputs.items():
         read_input_manifest(name, upstream, step_dir)
     if hasattr(module, "check_inputs"):  # what the upstream manifests already tell, before the out dir is touched

@@ -268,22 +268,38 @@ def _stats(lengths: list[int]) -> dict:
             "max": ordered[-1]}
 
 
+LOG_SCALE_SPAN = 20  # longest / shortest row from which token_lengths.png uses a log axis
+
+
+def uses_log_scale(lengths: list[int]) -> bool:
+    return max(lengths) >= LOG_SCALE_SPAN * max(min(lengths), 1)
+
+
 def _histogram(lengths: list[int], max_length: int, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    import numpy as np
+
     ordered = sorted(lengths)
     p50, p95 = ordered[len(ordered) // 2], ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
     over = sum(n > max_length for n in lengths)
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.hist(lengths, bins=min(50, max(10, len(set(lengths)))), color="#4477aa")
+    num_bins = min(50, max(10, len(set(lengths))))
+    # Lengths that span orders of magnitude (a few long documents among short chats) on a log axis, log-spaced bins.
+    spans_decades = uses_log_scale(lengths)
+    bins = np.geomspace(max(ordered[0], 1), ordered[-1] + 1, num_bins + 1) if spans_decades else num_bins
+    ax.hist(lengths, bins=bins, color="#4477aa")
+    if spans_decades:
+        ax.set_xscale("log")
     ax.axvline(max_length, color="#cc3311", linestyle="--", label=f"max_length={max_length} ({over} rows over)")
     ax.axvline(p50, color="#228833", linestyle=":", label=f"median {p50}")
     ax.axvline(p95, color="#ccbb44", linestyle=":", label=f"p95 {p95}")
-    ax.set_title(f"Harmony token lengths: {len(lengths)} rows (train + eval), longest {ordered[-1]}", fontsize=12)
-    ax.set_xlabel("tokens per row (Harmony-rendered)", fontsize=11)
+    ax.set_title(f"Harmony token lengths: {len(lengths)} rows (train + eval), {ordered[0]}–{ordered[-1]} tokens",
+                 fontsize=12)
+    ax.set_xlabel("tokens per row (Harmony-rendered)" + (", log scale" if spans_decades else ""), fontsize=11)
     ax.set_ylabel("rows", fontsize=11)
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=10)

@@ -65,6 +65,7 @@ class Progress(TrainerCallback):
         self.tracker, self.device = tracker, device
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.loss_curve: list[list[float]] = []
+        self.lr_curve: list[list[float]] = []  # [step, learning rate] at every logging step (loss_curve.png)
         self.eval_curve: list[list[float]] = []  # [step, eval loss]: eval_on_start, every eval_steps, the final one
         self.intervals: list[tuple[float, float]] = []  # (tokens, seconds) per log
         self.phases_s: dict[str, float] = {}  # train_setup, first_step, steps
@@ -137,6 +138,8 @@ class Progress(TrainerCallback):
         metrics["peak_mem_gib"] = peak_mem_gib(self.device)
         self.tracker.log_metrics(metrics, step=state.global_step)
         self.loss_curve.append([state.global_step, metrics["loss"]])
+        if "learning_rate" in metrics:
+            self.lr_curve.append([state.global_step, metrics["learning_rate"]])
         eta_s = self.eta_s(state, time.perf_counter())
         log.info("train: step %d/%d loss %.4f grad_norm %.3f lr %.2e %.0f tokens/s%s peak %.1f GiB ETA %s",
                  state.global_step, state.max_steps, metrics["loss"], metrics.get("grad_norm", math.nan),

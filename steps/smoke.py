@@ -9,6 +9,8 @@ import ctypes
 import json
 import logging
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,6 +28,9 @@ from steps.tracking import Tracker
 log = logging.getLogger("finetune")
 
 INPUTS = ("merge",)
+# --input merge= may also be a plain Hugging Face model folder (the original openai/gpt-oss-20b snapshot, a colleague's
+# checkpoint): the contract fingerprints it by its files' sha256 (steps/contract.py: model_folder_manifest).
+MODEL_FOLDER_INPUTS = ("merge",)
 BACKENDS = ("transformers", "sglang")
 FINISH_REASONS = ("stop", "length")
 # Control tokens of the Harmony format: a reasoning parser that works never lets one reach the client.
@@ -37,6 +42,25 @@ LANGUAGE_CODES = {
     "Hindi": "hi", "Turkish": "tr", "Polish": "pl",
 }
 READY_PATH = {"transformers": "/health", "sglang": "/health_generate"}
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+TEXT_IN_REPORT_CHARS = 300  # reasoning and answer quoted per request in report.md (report.json keeps them whole)
+# Questions the smoke step asks (smoke.prompt by default, and the language-adherence requests): kept out of the bundled
+# training data (steps/data/make_fixture.py refuses them; tests/test_smoke.py checks the file), so that a model passing
+# the language checks follows the system message on questions it never saw, not memorised rows.
+HELD_OUT_PROMPTS = (
+    "What is the capital of Australia? Explain briefly.",
+    "Why is the sky blue?",
+    "How do I make a cup of tea?",
+    "What is the tallest mountain in the world?",
+    "How can I learn to cook?",
+    "Why do cats purr?",
+    "How do airplanes stay in the air?",
+    "What should I read this summer?",
+    "How do I stay warm in winter?",
+    "What is the moon made of?",
+    "How can I make new friends?",
+    "What is a good breakfast before school?",
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,7 +72,9 @@ class Config:
     port: int = 8000
     """Port of the server; 0 picks a free one at start."""
     served_model_name: str = ""
-    """Model name the API serves (sglang only); empty: the model folder's path, the only name `transformers serve` accepts."""
+    """Model name the API serves and the requests ask for. Empty: sglang serves the model folder's path; `transformers
+    serve` (which lists only models in its Hub cache, never a local folder) gets the folder laid out as the cached
+    repo `local/<input folder name>`. For `transformers serve` a name must look like a Hub repo id, owner/name."""
     tp: int = 1
     """Tensor-parallel size (sglang --tp); `transformers serve` runs on one device."""
     device: str = "cpu"
@@ -74,6 +100,16 @@ class Config:
     allowed_finish_reasons: list = field(default_factory=lambda: ["stop"])
     """finish_reason values that pass. Add "length" only for models too small or too briefly trained to close their
     turn within max_tokens (a random-weight model never emits <|return|>); a real model must stop on its own."""
+    min_languages_passing: int = 0
+    """With check_language: how many of `languages` must reason in the requested language on `prompt` (the check
+    `reasoning_languages`); 0: all of them. Each language's own check stays in the report either way."""
+    adherence_prompts: int = 0
+    """Held-out questions (steps.smoke.HELD_OUT_PROMPTS, never in the bundled training data; `prompt` excluded) asked
+    per reasoning language to measure the language-adherence rate: the share whose reasoning is identified as the
+    requested language. 0 skips it. The rate, per language and overall, and these requests' latency and tokens/s
+    are in the Output's `metrics`."""
+    min_language_adherence: float = 0.0
+    """With adherence_prompts: the check `language_adherence` fails when the overall rate is below this (0..1)."""
     tools: dict = field(default_factory=dict)
     """{prompt: ..., tool: {type: function, function: {name, description, parameters}}}: one request with that tool
     must come back with a call to it whose arguments are a JSON object matching `parameters`; {} skips the check."""
@@ -85,9 +121,10 @@ class Config:
             raise ValueError(f"smoke.tp={self.tp} needs smoke.backend=sglang; `transformers serve` runs on one device (set smoke.tp=1)")
         if self.tp < 1:
             raise ValueError(f"smoke.tp={self.tp} must be >= 1")
-        if self.backend == "transformers" and self.served_model_name:
-            raise ValueError(f"smoke.served_model_name={self.served_model_name!r}: `transformers serve` names the model by its "
-                             "folder only; remove smoke.served_model_name or set smoke.backend=sglang")
+        if self.backend == "transformers" and self.served_model_name and not _REPO_ID.match(self.served_model_name):
+            raise ValueError(f"smoke.served_model_name={self.served_model_name!r}: `transformers serve` lists and loads "
+                             "models by Hub repo id, so the name must look like owner/name (letters, digits, '-', '_', "
+                             "'.'), e.g. local/my-model; or leave it empty")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"smoke.port={self.port} is not a TCP port; use 1-65535, or 0 for a free one")
         if not self.languages:
@@ -104,6 +141,20 @@ class Config:
         for name in ("startup_timeout_s", "request_timeout_s", "stop_grace_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"smoke.{name}={getattr(self, name)} must be > 0")
+        if not 0 <= self.min_languages_passing <= len(self.languages):
+            raise ValueError(f"smoke.min_languages_passing={self.min_languages_passing} must be between 0 (all) and "
+                             f"{len(self.languages)} (the number of smoke.languages)")
+        if self.min_languages_passing and not self.check_language:
+            raise ValueError(f"smoke.min_languages_passing={self.min_languages_passing} needs smoke.check_language=true")
+        max_prompts = len(HELD_OUT_PROMPTS) - (self.prompt in HELD_OUT_PROMPTS)
+        if not 0 <= self.adherence_prompts <= max_prompts:
+            raise ValueError(f"smoke.adherence_prompts={self.adherence_prompts} must be between 0 and {max_prompts} (the "
+                             "held-out questions in steps.smoke.HELD_OUT_PROMPTS)")
+        if not 0 <= self.min_language_adherence <= 1:
+            raise ValueError(f"smoke.min_language_adherence={self.min_language_adherence} is a rate: use 0..1, e.g. 0.75")
+        if self.min_language_adherence and not (self.adherence_prompts and self.check_language):
+            raise ValueError(f"smoke.min_language_adherence={self.min_language_adherence} needs smoke.adherence_prompts > 0 "
+                             "and smoke.check_language=true (the rate is measured on those requests)")
         if self.max_tokens < 1:
             raise ValueError(f"smoke.max_tokens={self.max_tokens} must be >= 1")
         if self.tools:
@@ -130,6 +181,10 @@ class Output:
     """Completion tokens over wall time, summed over the non-streaming requests."""
     languages: dict
     """Per language: passed, finish_reason, detected_language, latency_s, completion_tokens, tokens_per_s."""
+    metrics: dict = field(default_factory=dict)
+    """Flat {name: number}: language_adherence (overall rate 0..1 over the adherence requests) and
+    language_adherence.<Language>, adherence_num_requests, adherence_mean_latency_s, adherence_tokens_per_s,
+    plus languages_passing (of `languages`, on `prompt`), mean_latency_s, tokens_per_s, startup_s, num_checks, num_failed."""
 
 
 def _free_port(host: str) -> int:
@@ -138,24 +193,57 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def server_command(cfg: Config, *, model_dir: Path, port: int) -> list[str]:
+def server_command(cfg: Config, *, model_dir: Path, model_name: str, port: int) -> list[str]:
     # The SGLang image runs SGLang on its own Python beside our CLI's venv (images/serve.Dockerfile says which).
     python = os.environ.get("FINETUNE_SERVER_PYTHON") or sys.executable
     if cfg.backend == "sglang":
         return [python, "-m", "sglang.launch_server", "--model-path", str(model_dir),
-                "--served-model-name", cfg.served_model_name or str(model_dir), "--tp", str(cfg.tp),
+                "--served-model-name", model_name, "--tp", str(cfg.tp),
                 "--host", cfg.host, "--port", str(port), "--reasoning-parser", "gpt-oss", "--tool-call-parser", "gpt-oss"]
-    return [python, "-m", "transformers.cli.transformers", "serve", str(model_dir), "--device", cfg.device,
+    # Pinned to the cached repo that cache_model_folder laid out: the name it lists is the name it answers to.
+    return [python, "-m", "transformers.cli.transformers", "serve", model_name, "--device", cfg.device,
             "--host", cfg.host, "--port", str(port), "--log-level", "info"]
 
 
 def _server_env(cfg: Config, out_dir: Path) -> dict:
     env = dict(os.environ, HF_HUB_DISABLE_UPDATE_CHECK="1", HF_HUB_OFFLINE="1")  # the model is a local folder
     if cfg.backend == "transformers":
-        # Its /v1/models scans the Hub cache (and fails when there is none); an empty private cache makes it cheap.
+        # Its /v1/models lists the Hub cache (scan_cache_dir) and nothing else: a private cache that holds the served
+        # model alone (cache_model_folder) makes the listing the model, and cheap.
         env["HF_HUB_CACHE"] = str(out_dir / "hf-hub-cache")
         (out_dir / "hf-hub-cache").mkdir(exist_ok=True)
     return env
+
+
+def served_name(cfg: Config, *, model_dir: Path, input_dir: Path) -> str:
+    """The model name the requests ask for (and /v1/models must list)."""
+    if cfg.served_model_name:
+        return cfg.served_model_name
+    if cfg.backend == "sglang":
+        return str(model_dir)
+    return "local/" + (re.sub(r"[^\w.-]+", "-", Path(input_dir).resolve().name).strip("-.") or "model")
+
+
+def cache_model_folder(cache_dir: Path, repo_id: str, model_dir: Path) -> Path:
+    """Lay model_dir out as the Hub-cache repo `repo_id` (refs/main -> a snapshot of links to its files): what
+    `transformers serve` lists in /v1/models and loads by that name offline. Nothing is copied."""
+    repo = Path(cache_dir) / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / ("0" * 40)  # any commit-shaped name: offline, refs/main is all that resolves it
+    for path in sorted(Path(model_dir).rglob("*")):
+        if path.is_file():
+            link = snapshot / path.relative_to(model_dir)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(path.resolve())
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(snapshot.name)
+    return repo
+
+
+def check_models_listed(resp: httpx.Response, model_name: str) -> dict:
+    """models_endpoint: HTTP 200 and the name the requests ask for among the listed ids."""
+    listed = [m.get("id") for m in resp.json().get("data", [])] if resp.status_code == 200 else []
+    return _check("models_endpoint", resp.status_code == 200 and model_name in listed,
+                  f"HTTP {resp.status_code}, lists {listed}; requests ask for {model_name!r}")
 
 
 def _log_tail(path: Path, num_lines: int = 15) -> str:
@@ -205,22 +293,27 @@ def _stop(proc: subprocess.Popen, grace_s: float) -> None:
         proc.wait()
 
 
-def _messages(cfg: Config, language: str) -> list[dict]:
-    return [{"role": "system", "content": f"reasoning language: {language}"}, {"role": "user", "content": cfg.prompt}]
+def _messages(language: str, prompt: str) -> list[dict]:
+    return [{"role": "system", "content": f"reasoning language: {language}"}, {"role": "user", "content": prompt}]
+
+
+def adherence_prompts(cfg: Config) -> list[str]:
+    return [p for p in HELD_OUT_PROMPTS if p != cfg.prompt][:cfg.adherence_prompts]
 
 
 def _leaked(text: str) -> list[str]:
     return [t for t in HARMONY_TOKENS if t in text]
 
 
-def _chat(client: httpx.Client, cfg: Config, model_name: str, language: str) -> tuple[dict, list[dict]]:
+def _chat(client: httpx.Client, cfg: Config, model_name: str, language: str, prompt: str | None = None) -> tuple[dict, list[dict]]:
     """One non-streaming completion; returns its result row and its checks."""
-    body = {"model": model_name, "messages": _messages(cfg, language), "max_tokens": cfg.max_tokens,
+    prompt = prompt or cfg.prompt
+    body = {"model": model_name, "messages": _messages(language, prompt), "max_tokens": cfg.max_tokens,
             "temperature": cfg.temperature}
     started = time.monotonic()
     resp = client.post("/v1/chat/completions", json=body)
     latency_s = time.monotonic() - started
-    row = {"language": language, "status": resp.status_code, "latency_s": round(latency_s, 3)}
+    row = {"language": language, "prompt": prompt, "status": resp.status_code, "latency_s": round(latency_s, 3)}
     checks = [_check(f"chat[{language}].http_200", resp.status_code == 200, f"HTTP {resp.status_code}")]
     if resp.status_code != 200:
         row["error"] = resp.text[:500]
@@ -301,7 +394,7 @@ def _chat_tools(client: httpx.Client, cfg: Config, model_name: str) -> tuple[dic
 
 
 def _chat_stream(client: httpx.Client, cfg: Config, model_name: str, language: str) -> tuple[dict, list[dict]]:
-    body = {"model": model_name, "messages": _messages(cfg, language), "max_tokens": cfg.max_tokens,
+    body = {"model": model_name, "messages": _messages(language, cfg.prompt), "max_tokens": cfg.max_tokens,
             "temperature": cfg.temperature, "stream": True}
     started = time.monotonic()
     first_chunk_s, num_chunks, parts, finish_reason, status = None, 0, [], None, None
@@ -338,19 +431,78 @@ def _check(name: str, passed: bool, detail: str) -> dict:
     return {"name": name, "passed": bool(passed), "detail": detail}
 
 
+def _quote(text: str) -> str:
+    """A model's text in one markdown line, cut to TEXT_IN_REPORT_CHARS (report.json has it whole)."""
+    text = " ".join((text or "").split())
+    cut = text[:TEXT_IN_REPORT_CHARS] + (" …" if len(text) > TEXT_IN_REPORT_CHARS else "")
+    return "`" + cut.replace("`", "'") + "`" if cut else "(empty)"
+
+
 def _write_markdown(path: Path, report: dict) -> None:
     ready = f"server ready in {report['startup_s']} s" if report["startup_s"] is not None else "server never ready"
     lines = [f"# Smoke test: {'PASSED' if report['num_failed'] == 0 else 'FAILED'}", "",
-             f"backend `{report['backend']}`, model `{report['model_dir']}`, {ready}; "
+             f"backend `{report['backend']}`, model `{report['model_dir']}` served as `{report['model_name']}`, {ready}; "
              f"{report['num_checks'] - report['num_failed']}/{report['num_checks']} checks passed", "",
              "| check | result | detail |", "|---|---|---|"]
-    lines += [f"| {c['name']} | {'pass' if c['passed'] else '**FAIL**'} | {c['detail'].replace('|', '/')} |" for c in report["checks"]]
+    lines += [f"| {c['name']} | {'pass' if c['passed'] else '**FAIL**' if c.get('counts', True) else 'fail (see reasoning_languages)'} | "
+              f"{c['detail'].replace('|', '/')} |" for c in report["checks"]]
     lines += ["", "| language | finish | detected | latency s | tokens | tokens/s |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['language']} | {r.get('finish_reason')} | {r.get('detected_language', '-')} | {r['latency_s']} | "
               f"{r.get('completion_tokens', '-')} | {r.get('tokens_per_s', '-')} |" for r in report["requests"]]
+    adherence = report.get("adherence") or []
+    if adherence:
+        metrics = report["metrics"]
+        lines += ["", f"## Language adherence: {metrics['language_adherence']:.0%} of {len(adherence)} held-out questions",
+                  "", "| language | adherence | requests |", "|---|---|---|"]
+        for language in dict.fromkeys(r["language"] for r in adherence):
+            rows = [r for r in adherence if r["language"] == language]
+            lines.append(f"| {language} | {metrics[f'language_adherence.{language}']:.0%} | {len(rows)} |")
+    lines += ["", "## What the model said", ""]
+    for r in [*report["requests"], *adherence]:
+        verdict = "" if "adhered" not in r else (" — reasoning in the requested language" if r["adhered"]
+                                                  else f" — reasoning identified as {r.get('detected_language')!r}")
+        lines += [f"**{r['language']}**: {r.get('prompt', '')}{verdict}", "",
+                  f"- reasoning: {_quote(r.get('reasoning_content'))}", f"- answer: {_quote(r.get('content'))}", ""]
+        if "error" in r:
+            lines.insert(-1, f"- error: {_quote(r['error'])}")
+    if report.get("tool_call"):
+        t = report["tool_call"]
+        lines += ["**tool call**", "", f"- calls: {_quote(json.dumps(t.get('tool_calls'), ensure_ascii=False))}",
+                  f"- answer: {_quote(t.get('content'))}", ""]
+    if report.get("stream"):
+        lines += ["**stream**", "", f"- reasoning + answer: {_quote(report['stream'].get('text'))}", ""]
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, path)
+
+
+def _adherence(client: httpx.Client, cfg: Config, model_name: str) -> tuple[list[dict], dict]:
+    """The held-out questions in every language: each reply's reasoning language, and the rates."""
+    import py3langid
+
+    rows = []
+    for language in cfg.languages:
+        for prompt in adherence_prompts(cfg):
+            try:
+                row, _ = _chat(client, cfg, model_name, language, prompt)
+            except httpx.TransportError as err:
+                row = {"language": language, "prompt": prompt, "status": None, "latency_s": cfg.request_timeout_s,
+                       "error": f"{type(err).__name__}: {err}"}
+            reasoning = row.get("reasoning_content") or ""
+            row["detected_language"] = py3langid.classify(reasoning)[0] if reasoning.strip() else None
+            row["adhered"] = row["detected_language"] == LANGUAGE_CODES[language]
+            rows.append(row)
+        log.info("smoke: adherence %s: %d/%d", language, sum(r["adhered"] for r in rows if r["language"] == language),
+                 cfg.adherence_prompts)
+    answered = [r for r in rows if "completion_tokens" in r]
+    total_s = sum(r["latency_s"] for r in answered)
+    metrics = {"language_adherence": round(sum(r["adhered"] for r in rows) / len(rows), 4),
+               **{f"language_adherence.{lang}": round(sum(r["adhered"] for r in rows if r["language"] == lang)
+                                                      / cfg.adherence_prompts, 4) for lang in cfg.languages},
+               "adherence_num_requests": len(rows),
+               "adherence_mean_latency_s": round(total_s / len(answered), 3) if answered else 0.0,
+               "adherence_tokens_per_s": round(sum(r["completion_tokens"] for r in answered) / total_s, 2) if total_s else 0.0}
+    return rows, metrics
 
 
 def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Tracker) -> Output:
@@ -365,7 +517,7 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
     except ValueError as e:
         raise ValueError(f"{model_dir / 'config.json'} is not valid JSON ({e}); rerun the merge step "
                          f"(--out {inputs['merge']})") from None
-    model_name = cfg.served_model_name or str(model_dir)
+    model_name = served_name(cfg, model_dir=model_dir, input_dir=inputs["merge"])
     # An MXFP4 export (merge.export=mxfp4) is served as is: SGLang runs its experts in MXFP4, transformers on a CPU
     # dequantizes them on load.
     weights_format = (json.loads((model_dir / "config.json").read_text()).get("quantization_config") or {}).get(
@@ -373,12 +525,15 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
     port = cfg.port or _free_port(cfg.host)
     base_url = f"http://{cfg.host}:{port}"
     server_log = out_dir / "server.log"
-    checks, requests, startup_s, stream_row, tool_row = [], [], None, None, None
-    command = server_command(cfg, model_dir=model_dir, port=port)
-    log.info("smoke: starting %s (%s weights)", " ".join(command), weights_format)
+    checks, requests, startup_s, stream_row, tool_row, adherence, adherence_metrics = [], [], None, None, None, [], {}
+    env = _server_env(cfg, out_dir)
+    if cfg.backend == "transformers":
+        cache_model_folder(Path(env["HF_HUB_CACHE"]), model_name, model_dir)
+    command = server_command(cfg, model_dir=model_dir, model_name=model_name, port=port)
+    log.info("smoke: starting %s (%s weights, served as %s)", " ".join(command), weights_format, model_name)
     with server_log.open("w") as log_file:
         proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-                                env=_server_env(cfg, out_dir), preexec_fn=_die_with(os.getpid()))
+                                env=env, preexec_fn=_die_with(os.getpid()))
     try:
         try:
             startup_s = round(_wait_ready(proc, base_url + READY_PATH[cfg.backend], timeout_s=cfg.startup_timeout_s,
@@ -390,21 +545,34 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
         if startup_s is not None:
             log.info("smoke: server ready after %.1f s on %s", startup_s, base_url)
             with httpx.Client(base_url=base_url, timeout=cfg.request_timeout_s) as client:
-                resp = client.get("/v1/models")
-                listed = [m.get("id") for m in resp.json().get("data", [])] if resp.status_code == 200 else []
-                # `transformers serve` lists the Hub cache, never a local folder; SGLang lists its served name.
-                passed = resp.status_code == 200 and (cfg.backend == "transformers" or model_name in listed)
-                checks.append(_check("models_endpoint", passed, f"HTTP {resp.status_code}, lists {listed}"))
+                checks.append(check_models_listed(client.get("/v1/models"), model_name))
                 for language in cfg.languages:
                     try:
                         row, row_checks = _chat(client, cfg, model_name, language)
                     except httpx.TransportError as err:  # timeout or a server that died mid-run: a failed check
-                        row = {"language": language, "status": None, "latency_s": cfg.request_timeout_s}
+                        row = {"language": language, "prompt": cfg.prompt, "status": None, "latency_s": cfg.request_timeout_s}
                         row_checks = [_check(f"chat[{language}].http_200", False, f"{type(err).__name__}: {err}")]
                     row["passed"] = all(c["passed"] for c in row_checks)
                     requests.append(row)
                     checks += row_checks
                     log.info("smoke: %s: %s in %.1f s", language, "ok" if row["passed"] else "FAILED", row["latency_s"])
+                if cfg.min_languages_passing:
+                    # The per-language checks stay in the report; this one decides.
+                    language_checks = [c for c in checks if c["name"].endswith(".reasoning_language")]
+                    passing = [c["name"][5:-len("].reasoning_language")] for c in language_checks if c["passed"]]
+                    for c in language_checks:
+                        c["counts"] = False
+                    checks.append(_check("reasoning_languages", len(passing) >= cfg.min_languages_passing,
+                                         f"{len(passing)}/{len(cfg.languages)} languages reasoned as requested "
+                                         f"({', '.join(passing) or 'none'}; smoke.min_languages_passing="
+                                         f"{cfg.min_languages_passing})"))
+                if cfg.adherence_prompts:
+                    adherence, adherence_metrics = _adherence(client, cfg, model_name)
+                    if cfg.min_language_adherence:
+                        rate = adherence_metrics["language_adherence"]
+                        checks.append(_check("language_adherence", rate >= cfg.min_language_adherence,
+                                             f"{rate:.0%} of {len(adherence)} held-out questions reasoned in the "
+                                             f"requested language (smoke.min_language_adherence={cfg.min_language_adherence:.0%})"))
                 if cfg.tools:
                     try:
                         tool_row, tool_checks = _chat_tools(client, cfg, model_name)
@@ -419,17 +587,25 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
                 checks += stream_checks
     finally:
         _stop(proc, cfg.stop_grace_s)
+        if cfg.backend == "transformers":
+            # Its links name model_dir as this process sees it (/runs/… in a container): of no use once the server
+            # has stopped, and dangling outside the container.
+            shutil.rmtree(env["HF_HUB_CACHE"])
     answered = [r for r in requests if "completion_tokens" in r]
     total_s = sum(r["latency_s"] for r in answered)
-    failed = [c["name"] for c in checks if not c["passed"]]
+    failed = [c["name"] for c in checks if not c["passed"] and c.get("counts", True)]
+    mean_latency_s = round(total_s / len(answered), 3) if answered else 0.0
+    tokens_per_s = round(sum(r["completion_tokens"] for r in answered) / total_s, 2) if total_s else 0.0
+    languages_passing = [r["language"] for r in requests if r.get("detected_language") == LANGUAGE_CODES[r["language"]]]
+    metrics = {**adherence_metrics, "languages_passing": len(languages_passing), "mean_latency_s": mean_latency_s, "tokens_per_s": tokens_per_s,
+               "startup_s": startup_s or 0.0, "num_checks": len(checks), "num_failed": len(failed)}
     report = {
         "backend": cfg.backend, "model_dir": str(model_dir), "weights_format": weights_format, "model_name": model_name,
         "command": command,
         "port": port, "server_pid": proc.pid,
         "startup_s": startup_s, "num_checks": len(checks), "num_failed": len(failed), "checks": checks,
-        "requests": requests, "stream": stream_row, "tool_call": tool_row,
-        "mean_latency_s": round(total_s / len(answered), 3) if answered else 0.0,
-        "tokens_per_s": round(sum(r["completion_tokens"] for r in answered) / total_s, 2) if total_s else 0.0,
+        "requests": requests, "adherence": adherence, "stream": stream_row, "tool_call": tool_row,
+        "mean_latency_s": mean_latency_s, "tokens_per_s": tokens_per_s, "metrics": metrics,
     }
     report_path, md_path = out_dir / "report.json", out_dir / "report.md"
     write_json_atomic(report_path, report)
@@ -437,17 +613,18 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
     tracker.log_artifact(report_path)
     tracker.log_artifact(md_path)
     tracker.log_artifact(server_log)
-    tracker.log_metrics({"startup_s": startup_s or 0.0, "mean_latency_s": report["mean_latency_s"],
-                         "tokens_per_s": report["tokens_per_s"], "num_failed": len(failed)})
+    # As smoke/<name>, the names the promotion gate reads; logged here because a failed test writes no Output.
+    tracker.log_metrics(metrics)
     if failed:
         # A result, not a crash: one line naming the checks (and the first one's detail), the report has the rest.
-        first = next(c for c in checks if not c["passed"])
+        first = next(c for c in checks if c["name"] in failed)
         raise ValueError(f"smoke test failed {len(failed)}/{len(checks)} checks: {', '.join(failed)} "
                          f"({first['name']}: {first['detail']}); see {md_path} and {server_log}")
     return Output(
         report_path=report_path.name, report_md_path=md_path.name, server_log_path=server_log.name,
-        num_checks=len(checks), num_failed=0, startup_s=startup_s, mean_latency_s=report["mean_latency_s"],
-        tokens_per_s=report["tokens_per_s"],
+        num_checks=len(checks), num_failed=0, startup_s=startup_s, mean_latency_s=mean_latency_s,
+        tokens_per_s=tokens_per_s,
         languages={r["language"]: {k: r.get(k) for k in ("passed", "finish_reason", "detected_language", "latency_s",
                                                          "completion_tokens", "tokens_per_s")} for r in requests},
+        metrics=metrics,
     )

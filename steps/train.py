@@ -616,9 +616,9 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
         eval_curve=progress.eval_curve,
     )
     if is_main:
-        _plot_loss(output.loss_curve, output.eval_curve, out_dir / "loss_curve.png",
-                   title=f"{cfg.model.name if cfg.model.name != 'random' else 'random-weight gpt-oss'}, {cfg.method} "
-                         f"fine-tune, lr {cfg.learning_rate:g}")
+        _plot_loss(progress, out_dir / "loss_curve.png",
+                   title=f"{out_dir.resolve().parent.name}/{out_dir.name}, profile {os.environ.get('FINETUNE_PROFILE', '?')}: "
+                         f"{cfg.method} fine-tune of {cfg.model.name}, lr {cfg.learning_rate:g}")
         tracker.log_artifact(out_dir / "loss_curve.png")
     log.info("train: %d steps in %.0f s, loss %.4f -> %.4f, eval loss %s, %.0f tokens/s, peak %.1f GiB; saved %s",
              output.num_steps, output.train_runtime_s, output.train_loss_first, output.train_loss_last,
@@ -628,27 +628,33 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
     return output
 
 
-def _plot_loss(loss_curve: list, eval_curve: list, path: Path, *, title: str) -> None:
+def _plot_loss(progress, path: Path, *, title: str) -> None:
+    """Training loss per step, the learning rate on a second axis, and the eval loss where the Trainer evaluated."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
-    ax.plot([s for s, _ in loss_curve], [loss for _, loss in loss_curve], label="training loss (per logging step)",
-            color="tab:blue", linewidth=1.5)
-    if eval_curve:
+    ax.plot([s for s, _ in progress.loss_curve], [loss for _, loss in progress.loss_curve], color="tab:blue",
+            linewidth=1.5, label="training loss")
+    if progress.eval_curve:
+        eval_curve = progress.eval_curve
         ax.plot([s for s, _ in eval_curve], [loss for _, loss in eval_curve], "o", color="tab:orange", markersize=8,
-                linestyle=":" if len(eval_curve) > 2 else "none",
-                label=f"eval loss (held-out split): {eval_curve[0][1]:.3f} before, {eval_curve[-1][1]:.3f} after")
+                linestyle=":" if len(eval_curve) > 2 else "none", label="eval loss")
         for step, loss in (eval_curve[0], eval_curve[-1]):
             ax.annotate(f"{loss:.3f}", (step, loss), textcoords="offset points", xytext=(6, 6), color="tab:orange")
     ax.set_xlabel("optimizer step", fontsize=11)
     ax.set_ylabel("loss (cross-entropy, nats/token)", fontsize=11)
-    ax.set_title(title, fontsize=12)
     ax.margins(y=0.1)  # room for the eval loss labels
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=10)
+    lr_ax = ax.twinx()
+    lr_ax.plot([s for s, _ in progress.lr_curve], [lr for _, lr in progress.lr_curve], color="#cc6677", alpha=0.7,
+               linestyle="--", label="learning rate")
+    lr_ax.set_ylabel("learning rate", fontsize=11)
+    lines = ax.get_legend_handles_labels(), lr_ax.get_legend_handles_labels()
+    ax.legend(lines[0][0] + lines[1][0], lines[0][1] + lines[1][1], loc="upper right", fontsize=10)
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

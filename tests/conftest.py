@@ -23,6 +23,22 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
+def bundled_harmony_16(tmp_path_factory):
+    """Harmony rows of 16 bundled rows (the real fetch and harmony steps, tiny profile), made once per session for the
+    distributed training tests (tests/test_fsdp.py, tests/test_multinode.py), which only read them."""
+    from pathlib import Path
+
+    from steps import contract, profile as profiles
+
+    root = tmp_path_factory.mktemp("bundled16")
+    prof = profiles.load_profile(Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml", ["data.max_rows=16"])
+    contract.execute("fetch", profiles.step_config(prof, "fetch"), out_dir=root / "fetch")
+    contract.execute("harmony", profiles.step_config(prof, "harmony"), out_dir=root / "harmony",
+                     inputs={"fetch": root / "fetch"})
+    return root / "harmony"
+
+
+@pytest.fixture(scope="session")
 def step_images():
     """The three step images, built once per session by `images/build.sh --local-base` (no registry here). Where no
     Docker engine was running, build.sh starts one; it is stopped again at the end, with any container a test left."""

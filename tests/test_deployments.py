@@ -21,6 +21,7 @@ import yaml
 
 from steps.contract import RUNTIMES, STEPS
 from steps.profile import CONFIGS_DIR
+from tests import tiny_pipeline
 
 pytestmark = pytest.mark.integration
 REPO = CONFIGS_DIR.parent
@@ -316,7 +317,9 @@ def test_dev_resumes_after_its_worker_is_killed_after_train(prefect):
     out = prefect.root / "dev"
     started = time.time()
     worker = prefect.worker("process", "process-1")
-    killed_id = prefect.start_run("finetune/dev", out=str(out))
+    # The tiny profile's plumbing run (tests/tiny_pipeline.py), the same overrides on both runs: the same fingerprints.
+    params = {"out": str(out), "overrides": tiny_pipeline.OVERRIDES}
+    killed_id = prefect.start_run("finetune/dev", **params)
     while not (out / "train" / "manifest.json").is_file():
         assert worker.poll() is None and prefect.flow_run(killed_id)["state"] not in FINAL, prefect.flow_run(killed_id)
         time.sleep(0.5)
@@ -325,7 +328,7 @@ def test_dev_resumes_after_its_worker_is_killed_after_train(prefect):
     print(f"killed the worker after train, {time.time() - started:.0f} s in; the run: {prefect.flow_run(killed_id)}")
 
     prefect.worker("process", "process-2")
-    watch = prefect.cli("deployment", "run", "finetune/dev", "--params", json.dumps({"out": str(out)}), "--watch",
+    watch = prefect.cli("deployment", "run", "finetune/dev", "--params", json.dumps(params), "--watch",
                         timeout=1500)
     print(f"prefect deployment run finetune/dev --watch ({time.time() - started:.0f} s since the first run):\n"
           + watch.stdout[-4000:])

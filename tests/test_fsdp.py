@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from steps import contract, profile as profiles
+from steps import contract
 
 pytestmark = pytest.mark.integration
 
@@ -25,14 +25,9 @@ FAST = ["train.per_device_batch_size=2", "train.grad_accum_steps=2", "train.warm
 
 
 @pytest.fixture(scope="module")
-def harmony_dir(tmp_path_factory) -> Path:
-    """Harmony rows of the bundled data, through the real fetch and harmony steps with the tiny profile."""
-    root = tmp_path_factory.mktemp("data")
-    prof = profiles.load_profile(TINY, ["data.max_rows=16"])
-    contract.execute("fetch", profiles.step_config(prof, "fetch"), out_dir=root / "fetch")
-    contract.execute("harmony", profiles.step_config(prof, "harmony"), out_dir=root / "harmony",
-                     inputs={"fetch": root / "fetch"})
-    return root / "harmony"
+def harmony_dir(bundled_harmony_16) -> Path:
+    """Harmony rows of the bundled data, through the real fetch and harmony steps with the tiny profile (conftest)."""
+    return bundled_harmony_16
 
 
 def torchrun_train(harmony_dir: Path, out_dir: Path, *overrides: str) -> tuple[dict, str]:

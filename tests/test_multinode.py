@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from flows import trainjob
-from steps import contract, profile as profiles
+from steps import contract
 
 pytestmark = pytest.mark.integration
 
@@ -29,13 +29,11 @@ OVERRIDES = ["train.fsdp=true", f"train.nodes={NUM_NODES}", f"train.gpus_per_nod
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    """An output root holding harmony rows of the bundled data (the real fetch and harmony steps, tiny profile)."""
+def run_dir(tmp_path_factory, bundled_harmony_16) -> Path:
+    """An output root holding harmony rows of the bundled data (the real fetch and harmony steps, tiny profile: the
+    session's, linked in as the harmony step's out dir that the TrainJob's command reads)."""
     root = tmp_path_factory.mktemp("multinode")
-    prof = profiles.load_profile(TINY, ["data.max_rows=16"])
-    contract.execute("fetch", profiles.step_config(prof, "fetch"), out_dir=root / "fetch")
-    contract.execute("harmony", profiles.step_config(prof, "harmony"), out_dir=root / "harmony",
-                     inputs={"fetch": root / "fetch"})
+    (root / "harmony").symlink_to(bundled_harmony_16, target_is_directory=True)
     return root
 
 

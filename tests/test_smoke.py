@@ -110,17 +110,35 @@ def test_smoke_passes_against_transformers_serve(merge_dir, tmp_path):
 
 @pytest.mark.integration
 def test_failed_check_raises_after_report_and_stops_server(merge_dir, tmp_path):
-    # The wired model always reasons in English: asking for French must fail the language check, and only that.
-    cfg = smoke.Config(backend="transformers", port=0, languages=["French"], max_tokens=48, check_language=True,
+    # The wired model always reasons in English: asking for French must fail the language check, and the adherence
+    # rate over held-out questions (English 2/2, French 0/2) must fall below the 75% asked for.
+    # With smoke.min_languages_passing=1 the English pass carries the language checks (French's stays in the report).
+    cfg = smoke.Config(backend="transformers", port=0, languages=["English", "French"], max_tokens=48,
+                       check_language=True, min_languages_passing=1, adherence_prompts=2, min_language_adherence=0.75,
                        startup_timeout_s=180, request_timeout_s=120)
 
-    with pytest.raises(ValueError, match=r"failed 1/\d+ checks: chat\[French\]\.reasoning_language "
-                                         r"\(chat\[French\]\.reasoning_language: detected 'en', expected 'fr'\); see .*report\.md"):
+    with pytest.raises(ValueError, match=r"failed 1/\d+ checks: language_adherence \(language_adherence: 50% of 4 held-out "
+                                         r"questions reasoned in the requested language .*\); see .*report\.md") as err:
         smoke.run(cfg, out_dir=tmp_path, inputs={"merge": merge_dir}, tracker=NullTracker())
+    print(f"\nthe step's one line: {err.value}")
 
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["num_failed"] == 1 and report["requests"][0]["detected_language"] == "en"
-    assert "**FAIL**" in (tmp_path / "report.md").read_text()
+    assert report["num_failed"] == 1 and [r["detected_language"] for r in report["requests"]] == ["en", "en"]
+    checks = {c["name"]: c for c in report["checks"]}
+    assert not checks["chat[French].reasoning_language"]["passed"] and checks["chat[French].reasoning_language"]["counts"] is False
+    assert checks["reasoning_languages"]["passed"] and checks["reasoning_languages"]["detail"].startswith("1/2 languages")
+    assert report["metrics"]["languages_passing"] == 1
+    metrics = report["metrics"]
+    assert {k: metrics[k] for k in ("language_adherence", "language_adherence.English", "language_adherence.French",
+                                    "adherence_num_requests")} == {"language_adherence": 0.5, "language_adherence.English": 1.0,
+                                                                   "language_adherence.French": 0.0, "adherence_num_requests": 4}
+    assert metrics["adherence_mean_latency_s"] > 0 and metrics["adherence_tokens_per_s"] > 0
+    assert all(isinstance(v, (int, float)) for v in metrics.values())
+    assert [r["prompt"] for r in report["adherence"][:2]] == smoke.adherence_prompts(cfg) and cfg.prompt not in smoke.adherence_prompts(cfg)
+    md = (tmp_path / "report.md").read_text()
+    assert "| language_adherence | **FAIL** |" in md and "| French | 0% | 2 |" in md
+    assert "| chat[French].reasoning_language | fail (see reasoning_languages) |" in md
+    assert f"- reasoning: `{REASONING}`" in md and "reasoning identified as 'en'" in md
     assert (tmp_path / "server.log").stat().st_size > 0
     assert _server_gone(report) and _port_free(cfg.host, report["port"])
 
@@ -193,7 +211,11 @@ def test_a_merge_output_with_a_broken_config_is_one_line(merge_dir, tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     ({"backend": "vllm"}, "smoke.backend='vllm' is unknown"),
     ({"tp": 2}, "smoke.tp=2 needs smoke.backend=sglang"),
-    ({"served_model_name": "x"}, "names the model by its folder"),
+    ({"served_model_name": "x"}, "must look like owner/name"),
+    ({"adherence_prompts": 99}, "smoke.adherence_prompts=99 must be between 0 and"),
+    ({"min_languages_passing": 3, "languages": ["English", "French"]}, "must be between 0 .all. and 2"),
+    ({"min_language_adherence": 0.75}, "needs smoke.adherence_prompts > 0"),
+    ({"adherence_prompts": 2, "min_language_adherence": 75}, "is a rate: use 0..1"),
     ({"languages": ["Klingon"]}, "'Klingon' is not a known reasoning language"),
     ({"check_language": True, "require_reasoning": False}, "set both or neither"),
     ({"allowed_finish_reasons": ["eos"]}, "allowed_finish_reasons"),
@@ -206,7 +228,7 @@ def test_config_errors_name_the_field(overrides, message):
 @pytest.mark.unit
 def test_sglang_command_uses_the_gpt_oss_parsers():
     cfg = smoke.Config(backend="sglang", tp=8, served_model_name="reasoner", port=30000)
-    command = smoke.server_command(cfg, model_dir=Path("/m"), port=30000)
+    command = smoke.server_command(cfg, model_dir=Path("/m"), model_name="reasoner", port=30000)
     assert command[1:3] == ["-m", "sglang.launch_server"]
     joined = " ".join(command)
     assert "--model-path /m --served-model-name reasoner --tp 8" in joined
@@ -265,15 +287,17 @@ def test_tool_call_check_passes_on_a_model_that_calls(tmp_path_factory, tmp_path
     merge = _merge_dir_answering(tmp_path_factory.mktemp("calls"), CALL_COMPLETION)
     cfg = smoke.Config(backend="transformers", port=0, max_tokens=32, startup_timeout_s=180, request_timeout_s=120,
                        tools=TOOL_CHECK)
-    model_dir = merge / "model"
+    model_dir, name = merge / "model", "local/calls"
     port = smoke._free_port(cfg.host)
+    env = smoke._server_env(cfg, tmp_path)
+    smoke.cache_model_folder(Path(env["HF_HUB_CACHE"]), name, model_dir)
     with (tmp_path / "server.log").open("w") as log_file:
-        proc = subprocess.Popen(smoke.server_command(cfg, model_dir=model_dir, port=port), stdout=log_file,
-                                stderr=subprocess.STDOUT, start_new_session=True, env=smoke._server_env(cfg, tmp_path))
+        proc = subprocess.Popen(smoke.server_command(cfg, model_dir=model_dir, model_name=name, port=port), stdout=log_file,
+                                stderr=subprocess.STDOUT, start_new_session=True, env=env)
     try:
         smoke._wait_ready(proc, f"http://{cfg.host}:{port}/health", timeout_s=cfg.startup_timeout_s, server_log=tmp_path / "server.log")
         with httpx.Client(base_url=f"http://{cfg.host}:{port}", timeout=cfg.request_timeout_s) as client:
-            row, checks = smoke._chat_tools(client, cfg, str(model_dir))
+            row, checks = smoke._chat_tools(client, cfg, name)
     finally:
         smoke._stop(proc, cfg.stop_grace_s)
     print("\nsmoke tool-call check, model that calls:\n" + "\n".join(
@@ -315,3 +339,44 @@ def test_check_tool_call_reasons(calls, failed, detail):
 def test_tool_check_config_errors_name_the_field(tools, message):
     with pytest.raises(ValueError, match=message):
         smoke.Config(tools=tools)
+
+
+@pytest.mark.unit
+def test_smoke_prompts_do_not_occur_in_the_bundled_training_data():
+    """Every question a profile's smoke step asks (its prompt and the held-out adherence questions) is absent from the
+    bundled data, in any message: a model passing the language checks follows the system message on questions it
+    never saw."""
+    from steps import fetch, profile as profiles
+
+    asked = set(smoke.HELD_OUT_PROMPTS)
+    for path in sorted(profiles.CONFIGS_DIR.glob("*.yaml")):
+        cfg = profiles.step_config(profiles.load_profile(path, []), "smoke")
+        asked |= {cfg.prompt, *smoke.adherence_prompts(cfg)}
+    trained = set()
+    for line in fetch.BUNDLED.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        messages = row.get("messages") if isinstance(row.get("messages"), list) else []
+        trained |= {m.get("content") for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str)}
+        trained |= {row.get("user")}
+    assert len(trained) > 100
+    assert not {p.strip().lower() for p in asked} & {t.strip().lower() for t in trained if t}
+
+
+@pytest.mark.integration
+def test_models_endpoint_fails_when_the_server_does_not_list_the_model(merge_dir, tmp_path):
+    """`transformers serve` lists only its Hub cache: started on the model folder's path, as the step did before, it
+    serves the model but lists nothing, and the check says so."""
+    cfg = smoke.Config(backend="transformers", port=0, startup_timeout_s=180)
+    model_dir = merge_dir / "model"
+    port = smoke._free_port(cfg.host)
+    with (tmp_path / "server.log").open("w") as log_file:
+        proc = subprocess.Popen(smoke.server_command(cfg, model_dir=model_dir, model_name=str(model_dir), port=port),
+                                stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=smoke._server_env(cfg, tmp_path))
+    try:
+        smoke._wait_ready(proc, f"http://{cfg.host}:{port}/health", timeout_s=cfg.startup_timeout_s, server_log=tmp_path / "server.log")
+        check = smoke.check_models_listed(httpx.get(f"http://{cfg.host}:{port}/v1/models", timeout=60), str(model_dir))
+    finally:
+        smoke._stop(proc, cfg.stop_grace_s)
+    print(f"\nmodels_endpoint against a server that does not list the model: {check}")
+    assert not check["passed"] and check["detail"].startswith("HTTP 200, lists []; requests ask for")

@@ -31,6 +31,7 @@ from mlflow import MlflowClient
 
 from steps.contract import STEPS
 from steps.profile import CONFIGS_DIR
+from tests import tiny_pipeline
 
 pytestmark = pytest.mark.integration
 REPO = CONFIGS_DIR.parent
@@ -274,9 +275,10 @@ def pipeline(stack):
     with log.open("w") as out_file:
         proc = subprocess.Popen(
             [sys.executable, "-m", "flows.cli", "run", "--out", str(out), f"tracking.uri={stack['mlflow_uri']}",
-             # The profile's whole training (fewer steps and the model leaks Harmony tokens: smoke, and so the flow
-             # run, fails); a shorter smoke test.
-             "train.save_steps=1000", "smoke.languages=[English]", "smoke.max_tokens=32", "smoke.check_language=false"],
+             # The plumbing tests' training (tests/tiny_pipeline.py) with a 5% eval split (the default trains on every
+             # row) for the eval loss below, and a shorter smoke test.
+             *tiny_pipeline.OVERRIDES, "data.eval_fraction=0.05", "train.save_steps=1000", "smoke.languages=[English]",
+             "smoke.max_tokens=32"],
             cwd=REPO, env=env, stdout=out_file, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         returncode = proc.wait(timeout=1800)  # minutes on an idle 2-core machine; far more on a shared one
@@ -405,7 +407,7 @@ def test_artifacts_are_in_the_s3_bucket_and_read_back_through_the_s3_api(stack, 
     train_run = pipeline["children"]["train"].info.run_id
     body = s3.get_object(Bucket=bucket, Key=f"{experiment_id}/{train_run}/artifacts/manifest.json")["Body"].read()
     assert body == (out / "train" / "manifest.json").read_bytes()
-    assert json.loads(body)["output"]["num_steps"] > 50
+    assert json.loads(body)["output"]["num_steps"] == tiny_pipeline.TRAIN_STEPS
     # The store holds the env file's key, and no other.
     intruder = boto3.client("s3", endpoint_url=stack["s3_endpoint"], region_name="us-east-1",
                             aws_access_key_id=mlflow_env["AWS_ACCESS_KEY_ID"], aws_secret_access_key="not-the-secret")

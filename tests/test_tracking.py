@@ -19,6 +19,7 @@ from flows.tracking import flatten
 from steps import profile as profiles
 from steps.contract import STEPS
 from steps.profile import CONFIGS_DIR
+from tests import tiny_pipeline
 from tests.test_push import FakeHubServer
 
 pytestmark = pytest.mark.integration
@@ -93,10 +94,17 @@ def _env(tmp: Path) -> dict:
             "FINETUNE_SYSTEM_METRICS_INTERVAL_S": "1", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
 
 
+# The tiny profile trains on every bundled row (its gate reads smoke's adherence); the gate here also compares the eval
+# loss, over a 5% eval split.
+EVAL_GATE = ["data.eval_fraction=0.05", "promote.metrics=[{name: train/eval_loss_after, direction: lower, tolerance: 0.05}, "
+             "{name: smoke/language_adherence, direction: higher, tolerance: 0.125}]"]
+
+
 def _finetune_run(out: Path, *overrides, server, hub, env):
     return subprocess.run([sys.executable, "-m", "flows.cli", "run", "--out", str(out), f"tracking.uri={server.uri}",
                            "push.dry_run=false", f"push.endpoint={hub.url}", f"push.repo_id=test-org/{MODEL}",
-                           "smoke.languages=[English]", "smoke.max_tokens=32", "train.save_steps=1000", *overrides],
+                           *tiny_pipeline.OVERRIDES, *EVAL_GATE, "smoke.languages=[English]", "smoke.max_tokens=32",
+                           "train.save_steps=1000", *overrides],
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=1500)
 
 
@@ -123,7 +131,7 @@ def runs(tmp_path_factory, mlflow_server, hub):
     found["worse"] = _finetune_run(tmp / "run2", "train.max_steps=1", server=mlflow_server, hub=hub, env=env)
     found["better"] = _finetune_run(tmp / "run3", server=mlflow_server, hub=hub, env=env)
     found["refused"] = _finetune_run(
-        tmp / "run4", "promote.metrics=[{name: smoke/language_adherence_rate, direction: higher, tolerance: 0}]",
+        tmp / "run4", "promote.metrics=[{name: smoke/answer_accuracy, direction: higher, tolerance: 0}]",
         server=mlflow_server, hub=hub, env=env)
     return found
 
@@ -144,8 +152,10 @@ def test_first_run_one_parent_six_nested_runs_params_metrics_plots_dataset(runs,
     assert parent.info.status == "FINISHED" and parent.data.tags["finetune.promotion"] == "promoted"
     # Params: the resolved profile, flattened (defaults filled in), the token's variable name but never its value.
     params = parent.data.params
-    assert params["train.max_steps"] == "-1" and params["train.method"] == "full" and params["push.token_env"] == "HF_TOKEN"
+    assert params["train.max_steps"] == str(tiny_pipeline.TRAIN_STEPS) and params["train.method"] == "full"
+    assert params["push.token_env"] == "HF_TOKEN"
     assert params["promote.metrics"].startswith("[{'name': 'train/eval_loss_after'")
+    assert "'name': 'smoke/language_adherence'" in params["promote.metrics"]
     resolved = flatten(profiles.resolved(profiles.load_profile(profiles.DEFAULT_PROFILE, ["train.save_steps=1000"])))
     assert set(params) == set(resolved) and len(params) > 80
     # One naming scheme: <step>/<name> (system/ for MLflow's system metrics).
@@ -156,7 +166,7 @@ def test_first_run_one_parent_six_nested_runs_params_metrics_plots_dataset(runs,
     train = children["train"]
     num_steps = json.loads((tmp / "run1" / "train" / "manifest.json").read_text())["output"]["num_steps"]
     loss = client.get_metric_history(train.info.run_id, "train/loss")
-    assert [m.step for m in loss] == list(range(1, num_steps + 1)) and num_steps > 50
+    assert [m.step for m in loss] == list(range(1, num_steps + 1)) and num_steps == tiny_pipeline.TRAIN_STEPS
     evals = client.get_metric_history(train.info.run_id, "train/eval_loss")
     assert [m.step for m in evals] == [0, num_steps] and evals[1].value < evals[0].value - 5
     assert parent.data.metrics["train/eval_loss_after"] == evals[1].value
@@ -165,6 +175,11 @@ def test_first_run_one_parent_six_nested_runs_params_metrics_plots_dataset(runs,
     assert "system/cpu_utilization_percentage" in train.data.metrics  # sampled during train (rank 0)
     assert {"smoke/num_failed", "smoke/mean_latency_s", "merge/max_abs_logit_diff", "push/num_bytes",
             "harmony/length_stats.all.p95", "fetch/num_train"} <= set(parent.data.metrics)
+    # Smoke's flat Output.metrics under their own names (what the gate reads), not nested under smoke/metrics.
+    smoke_out = json.loads((tmp / "run1" / "smoke" / "manifest.json").read_text())["output"]
+    assert parent.data.metrics["smoke/language_adherence"] == smoke_out["metrics"]["language_adherence"]
+    assert parent.data.metrics["smoke/adherence_num_requests"] == 2
+    assert not [k for k in parent.data.metrics if k.startswith("smoke/metrics.")]
     # Dataset lineage: name, revision and a digest over every row (the sha256 of the kept rows), on fetch and parent.
     fetch_out = json.loads((tmp / "run1" / "fetch" / "manifest.json").read_text())["output"]
     for run in (children["fetch"], parent):
@@ -199,8 +214,13 @@ def test_registry_candidate_champion_worse_refused_better_promoted(runs, hub):
     errors = [line for line in worse.stderr.splitlines() if line.startswith("finetune: error:")]
     assert len(errors) == 1 and errors[0].startswith("finetune: error: smoke test failed"), worse.stderr[-3000:]
     decision = json.loads(Path(client.download_artifacts(parents[1].info.run_id, "promotion.json")).read_text())
+    print("the worse run's gate:", decision["summary"])
     failed = {c["metric"]: c for c in decision["checks"] if not c["passed"]}
-    assert set(failed) == {"smoke/num_failed", "train/eval_loss_after"}
+    # The adherence its failed smoke test logged (a failed test writes no Output) reaches the gate.
+    adherence = next(c for c in decision["checks"] if c["metric"] == "smoke/language_adherence")
+    assert adherence["candidate"] is not None and adherence["champion"] is not None
+    assert adherence["passed"] == (adherence["candidate"] >= adherence["champion"] - 0.125)
+    assert set(failed) - {"smoke/language_adherence"} == {"smoke/num_failed", "train/eval_loss_after"}
     assert failed["train/eval_loss_after"]["candidate"] > failed["train/eval_loss_after"]["champion"] + 0.05
     assert decision["decision"] == "refused" and decision["champion_before"] == decision["champion_after"] == "1"
     assert versions[2].tags["promotion"] == "refused" and parents[1].data.tags["finetune.promotion"] == "refused"
@@ -217,7 +237,7 @@ def test_registry_candidate_champion_worse_refused_better_promoted(runs, hub):
     refused = runs["refused"]
     assert refused.returncode == 3, refused.stdout[-3000:] + refused.stderr[-3000:]
     assert ("finetune: promotion refused: version 4 not promoted, champion stays version 3: "
-            "smoke/language_adherence_rate was not logged by this run") in refused.stdout
+            "smoke/answer_accuracy was not logged by this run") in refused.stdout
     assert "Traceback" not in refused.stderr and "NotPromoted" in refused.stderr  # the Prefect flow run's state
     assert parents[3].info.status == "FINISHED" and parents[3].data.tags["finetune.promotion"] == "refused"
     assert client.get_model_version_by_alias(MODEL, "champion").version == "3"
@@ -279,6 +299,7 @@ def test_cli_steps_nest_under_one_parent_and_train_survives_the_server_dying(mlf
     def step(name, *inputs, **popen):
         cmd = [sys.executable, "-m", "flows.cli", "step", name, "--config", config, "--out", str(tmp_path / name),
                "--parent-run-id", parent, "--tracking-uri", mlflow_server.uri, "train.max_steps=6", "train.save_steps=1000",
+               "data.eval_fraction=0.05",
                *[f"--input={i}={tmp_path / i}" for i in inputs]]
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 

@@ -3,18 +3,24 @@ Multilingual-Thinking shape, written by this project (no third-party data).
 
     python steps/data/make_fixture.py
 
-Each language's reasoning is built from a few fixed sentences so that a tiny model memorises, within ~100 steps,
-which language to think in after "reasoning language: X". A few tool-calling conversations in the plain OpenAI chat
-format (`messages` + `tools`, no Multilingual-Thinking columns) follow: one per case the Harmony rendering must get
-right. A handful of malformed rows (tool rows among them) exercise the fetch step's checks.
+What the tiny model is to learn from it is the point of the project: think in the language the system message asks
+for ("reasoning language: X"), whatever the question. So every question is asked in every reasoning language, with
+the same English answer: the question tells nothing about the language, only the system message does. Each
+language's reasoning is drawn from a few sentences of its own (in a random order, so the model must pick the
+language, not recite one text), and the questions are many, so that a 2-layer model follows the system message on
+questions it never saw (the smoke step asks steps.smoke.HELD_OUT_PROMPTS, none of which is here; tests check that).
+Half the rows carry a developer instruction after the language line, as Multilingual-Thinking's do; the others only
+the language line, as the smoke step sends it. A few tool-calling conversations in the plain OpenAI chat format
+(`messages` + `tools`, no Multilingual-Thinking columns) follow: one per case the Harmony rendering must get right. A
+handful of malformed rows (tool rows among them) exercise the fetch step's checks.
 """
 import json
 import random
+import sys
 from pathlib import Path
 
 OUT = Path(__file__).with_name("multilingual-fixture.jsonl")
 SEED = 1234
-ROWS_PER_LANGUAGE = 15
 
 DEVELOPERS = [
     "You are a helpful assistant who answers briefly.",
@@ -22,98 +28,98 @@ DEVELOPERS = [
     "You are a calm assistant. Answer in one or two sentences.",
 ]
 
-# (question, short English answer) pairs; the user writes in English as in Multilingual-Thinking.
-QUESTIONS = [
-    ("What should I pack for a weekend trip?", "Pack light clothes, a toothbrush, a charger and your documents."),
-    ("How do I make a simple tomato soup?", "Cook onions, add tomatoes and water, simmer for twenty minutes, then blend."),
-    ("Why is the sky blue?", "Air scatters blue light more than red light, so the sky looks blue."),
-    ("How can I sleep better?", "Go to bed at the same time, avoid screens late and keep the room dark."),
-    ("What is a good way to learn new words?", "Read every day and review new words with flash cards."),
+# Questions are drawn from templates (QUESTION_TEMPLATES x TOPICS: hundreds, each asked once or twice), so that no
+# question recurs often enough to be memorised with its language: only the system message says which language to
+# think in. The English answer depends on the kind of question, not on the topic or the language.
+QUESTION_TEMPLATES = [
+    ("How do I get better at {topic}?", "Practise a little every day and start with the basics."),
+    ("What is the first thing to know about {topic}?", "Start with the basic idea, then add details step by step."),
+    ("Can you explain {topic} in simple words?", "Yes: think of it as a few simple steps that build on each other."),
+    ("Why do people like {topic}?", "It is useful, it is fun, and it helps them feel good."),
+    ("Is {topic} hard to learn?", "Not really: it takes some patience and regular practice."),
+    ("What should a beginner read about {topic}?", "A short, friendly introduction, then one practical guide."),
+    ("Give me one tip about {topic}.", "Keep it simple and do a little every day."),
+    ("How much time does {topic} take?", "A few minutes a day is enough to start."),
 ]
+TOPICS = [
+    "gardening", "cooking rice", "chess", "swimming", "photography", "baking bread", "learning Spanish",
+    "public speaking", "saving money", "drawing", "running", "yoga", "painting walls", "fixing a bike", "knitting",
+    "bird watching", "writing poems", "playing guitar", "keeping bees", "growing tomatoes", "camping", "sewing",
+    "astronomy", "hiking", "meditation", "woodworking", "cycling in a city", "making coffee", "reading maps",
+    "taking notes", "learning to type", "packing for a trip", "cleaning windows", "training a puppy", "climbing",
+    "brewing tea", "budgeting", "making pasta", "playing piano", "drinking enough water",
+]
+# An earlier exchange before the last question (multi-turn rows): its reasoning is not kept (as in Harmony).
 FOLLOW_UPS = [
     ("Can you say it in one sentence?", "Yes: keep it simple and do a little every day."),
     ("Thanks! Any last tip?", "Start small and be patient with yourself."),
 ]
 
-# Per language: the name used in "reasoning language: X", then reasoning sentences (one topic slot each).
-LANGUAGES = {
-    "English": (
-        ["The user asks about {topic}.", "I should give a short and clear answer.",
-         "Let me think about the most useful points first.", "I will keep the answer simple and friendly.",
-         "That should be enough for the user."],
-        ["packing for a trip", "tomato soup", "the colour of the sky", "better sleep", "learning new words"],
-    ),
-    "French": (
-        ["L'utilisateur pose une question sur {topic}.", "Je dois donner une réponse courte et claire.",
-         "Je réfléchis d'abord aux points les plus utiles.", "Je vais garder une réponse simple et aimable.",
-         "Cela devrait suffire pour l'utilisateur."],
-        ["les bagages pour un voyage", "la soupe de tomates", "la couleur du ciel", "un meilleur sommeil",
-         "l'apprentissage de nouveaux mots"],
-    ),
-    "Spanish": (
-        ["El usuario pregunta sobre {topic}.", "Debo dar una respuesta corta y clara.",
-         "Primero pienso en los puntos más útiles.", "Voy a mantener la respuesta sencilla y amable.",
-         "Eso debería ser suficiente para el usuario."],
-        ["el equipaje para un viaje", "la sopa de tomate", "el color del cielo", "dormir mejor",
-         "aprender palabras nuevas"],
-    ),
-    "German": (
-        ["Der Benutzer fragt nach {topic}.", "Ich sollte eine kurze und klare Antwort geben.",
-         "Zuerst überlege ich mir die wichtigsten Punkte.", "Ich halte die Antwort einfach und freundlich.",
-         "Das sollte für den Benutzer genügen."],
-        ["dem Gepäck für eine Reise", "der Tomatensuppe", "der Farbe des Himmels", "besserem Schlaf",
-         "dem Lernen neuer Wörter"],
-    ),
-    "Italian": (
-        ["L'utente chiede informazioni su {topic}.", "Devo dare una risposta breve e chiara.",
-         "Prima penso ai punti più utili.", "Terrò la risposta semplice e gentile.",
-         "Questo dovrebbe bastare per l'utente."],
-        ["i bagagli per un viaggio", "la zuppa di pomodoro", "il colore del cielo", "dormire meglio",
-         "imparare parole nuove"],
-    ),
-    "Japanese": (
-        ["ユーザーは{topic}について質問しています。", "短くて分かりやすい答えを書くべきです。",
-         "まず一番役に立つ点を考えます。", "答えは簡単で親切なものにします。",
-         "これでユーザーには十分だと思います。"],
-        ["旅行の荷物", "トマトスープの作り方", "空の色", "よく眠る方法", "新しい単語の覚え方"],
-    ),
-    "Russian": (
-        ["Пользователь спрашивает о {topic}.", "Мне нужно дать короткий и ясный ответ.",
-         "Сначала я подумаю о самых полезных пунктах.", "Я сделаю ответ простым и дружелюбным.",
-         "Этого должно быть достаточно для пользователя."],
-        ["вещах для поездки", "томатном супе", "цвете неба", "хорошем сне", "изучении новых слов"],
-    ),
+# Per reasoning language: an opening sentence, then sentences that follow it in any order. Each is the language's own
+# (nothing here is a translation to be matched word for word), so that language identification has words to go by.
+REASONING = {
+    "English": ("The user wants a short answer.", [
+        "I should explain it simply and clearly.", "First I think about the main point.",
+        "A friendly tone fits this question.", "One or two sentences should be enough.",
+        "I will check that the answer is right."]),
+    "French": ("L'utilisateur veut une réponse courte.", [
+        "Je dois l'expliquer simplement et clairement.", "D'abord, je réfléchis au point principal.",
+        "Un ton aimable convient à cette question.", "Une ou deux phrases devraient suffire.",
+        "Je vais vérifier que la réponse est juste."]),
+    "Spanish": ("El usuario quiere una respuesta corta.", [
+        "Debo explicarlo de forma sencilla y clara.", "Primero pienso en el punto principal.",
+        "Un tono amable encaja con esta pregunta.", "Una o dos frases deberían bastar.",
+        "Voy a comprobar que la respuesta es correcta."]),
+    "German": ("Der Benutzer möchte eine kurze Antwort.", [
+        "Ich sollte es einfach und klar erklären.", "Zuerst denke ich über den wichtigsten Punkt nach.",
+        "Ein freundlicher Ton passt zu dieser Frage.", "Ein oder zwei Sätze sollten genügen.",
+        "Ich prüfe noch, ob die Antwort stimmt."]),
+    "Japanese": ("ユーザーは短い答えを求めています。", [
+        "簡単で分かりやすく説明するべきです。", "まず一番大事な点を考えます。",
+        "親しみやすい口調が合います。", "一文か二文で十分でしょう。", "答えが正しいか確かめます。"]),
+    "Russian": ("Пользователь хочет короткий ответ.", [
+        "Нужно объяснить просто и ясно.", "Сначала я думаю о главном.",
+        "Здесь подойдёт дружелюбный тон.", "Одного или двух предложений хватит.",
+        "Я проверю, что ответ верный."]),
 }
+NUM_BODY_SENTENCES = 1
+# The smoke step's languages (configs/tiny-cpu.yaml) get most rows; two more scripts keep the fixture multilingual.
+ROWS_PER_LANGUAGE = {"English": 50, "French": 50, "Spanish": 50, "German": 50, "Japanese": 10, "Russian": 10}
 EFFORTS = ["low", "medium", "high"]
 
 
-def _analysis(sentences: list[str], topic: str, rng: random.Random) -> str:
-    body = sentences[1:4]
-    rng.shuffle(body)  # a little variety in order; the vocabulary stays fixed
-    return " ".join([sentences[0].format(topic=topic), *body, sentences[4]])
+def _analysis(language: str, rng: random.Random) -> str:
+    opening, body = REASONING[language]
+    return " ".join([opening, *rng.sample(body, NUM_BODY_SENTENCES)])
 
 
 def valid_rows(rng: random.Random) -> list[dict]:
     rows = []
-    for language, (sentences, topics) in LANGUAGES.items():
-        for i in range(ROWS_PER_LANGUAGE):
-            q = i % len(QUESTIONS)
-            question, answer = QUESTIONS[q]
-            developer = DEVELOPERS[i % len(DEVELOPERS)]
-            analysis = _analysis(sentences, topics[q], rng)
-            messages = [{"role": "system", "content": f"reasoning language: {language}\n\n{developer}", "thinking": None},
-                        {"role": "user", "content": question, "thinking": None}]
-            if i % 5 == 4:  # multi-turn: an earlier exchange whose reasoning is not kept (as in Harmony)
-                follow_q, follow_a = FOLLOW_UPS[i % len(FOLLOW_UPS)]
-                messages += [{"role": "assistant", "content": answer, "thinking": None},
-                             {"role": "user", "content": follow_q, "thinking": None}]
-                question, answer = follow_q, follow_a
-            messages.append({"role": "assistant", "content": answer, "thinking": analysis})
-            row = {"id": f"{language.lower()}-{i:02d}", "reasoning_language": language, "developer": developer,
-                   "user": question, "analysis": analysis, "final": answer, "messages": messages}
-            if i % 3 == 1:
-                row["reasoning_effort"] = EFFORTS[(i // 3) % len(EFFORTS)]
-            rows.append(row)
+    questions = [(t.format(topic=topic), answer) for t, answer in QUESTION_TEMPLATES for topic in TOPICS]
+    rng.shuffle(questions)
+    # Languages interleaved (every row of a language has a different question), the rarer ones spread out.
+    schedule = sorted((k / n, language) for language, n in ROWS_PER_LANGUAGE.items() for k in range(n))
+    for i, (_, language) in enumerate(schedule):
+        question, answer = questions[i % len(questions)]
+        # The language line alone (as the smoke step sends it), with the blank line the stock chat template leaves
+        # after it, or followed by a developer instruction (as in Multilingual-Thinking).
+        developer = DEVELOPERS[i % len(DEVELOPERS)] if i % 3 == 2 else ""
+        system = f"reasoning language: {language}" + (f"\n\n{developer}" if developer else "\n\n" if i % 3 == 1 else "")
+        messages = [{"role": "system", "content": system, "thinking": None},
+                    {"role": "user", "content": question, "thinking": None}]
+        last_question, last_answer = question, answer
+        if i % 11 == 5:  # multi-turn: an earlier exchange whose reasoning is not kept (as in Harmony)
+            last_question, last_answer = FOLLOW_UPS[i % len(FOLLOW_UPS)]
+            messages += [{"role": "assistant", "content": answer, "thinking": None},
+                         {"role": "user", "content": last_question, "thinking": None}]
+        analysis = _analysis(language, rng)
+        messages.append({"role": "assistant", "content": last_answer, "thinking": analysis})
+        row = {"id": f"{language.lower()}-{i:03d}", "reasoning_language": language,
+               "developer": developer, "user": last_question, "analysis": analysis, "final": last_answer,
+               "messages": messages}
+        if i % 7 == 3:
+            row["reasoning_effort"] = EFFORTS[(i // 7) % len(EFFORTS)]
+        rows.append(row)
     # One row whose user text contains Harmony control-token text: it must stay ordinary text.
     rows[1]["messages"][1]["content"] += " (Literal text: <|end|><|start|>assistant)"
     rows[1]["user"] = rows[1]["messages"][1]["content"]
@@ -244,8 +250,16 @@ def malformed_tool_rows() -> list[dict]:
 
 
 def main() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from steps.smoke import HELD_OUT_PROMPTS  # what the smoke step asks must never be trained on
+
+    trained = {t.format(topic=topic) for t, _ in QUESTION_TEMPLATES for topic in TOPICS} | {q for q, _ in FOLLOW_UPS}
+    asked = set(HELD_OUT_PROMPTS) & trained
+    if asked:
+        raise SystemExit(f"training questions {sorted(asked)} are smoke prompts (steps.smoke.HELD_OUT_PROMPTS); change one")
     rng = random.Random(SEED)
     rows = valid_rows(rng)
+    rng.shuffle(rows)  # languages and questions mixed through the file (and through an eval split of its head)
     bad = malformed_rows()
     for k, row in enumerate(bad):  # spread the malformed rows through the file
         rows.insert(7 + k * 13, row)
