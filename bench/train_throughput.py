@@ -476,13 +476,13 @@ UNSLOTH_CONFIGS = {"unsloth": "reference", "unsloth_all": "all"}  # name -> unsl
 UNSLOTH_SCRIPT = Path(__file__).resolve().parent / "unsloth_train.py"
 
 
-def _param_count_estimate(shape):
-    """Parameters of GptOss at `shape` (embeddings, LM head, attention with biases and sinks, router, experts)."""
-    h, inter, e, v = shape["hidden_size"], shape["intermediate_size"], shape["num_local_experts"], shape["vocab_size"]
-    q, kv = shape["num_attention_heads"] * shape["head_dim"], shape["num_key_value_heads"] * shape["head_dim"]
-    attn = h * q + q + 2 * (h * kv + kv) + q * h + h + shape["num_attention_heads"]
-    experts = e * (h * 2 * inter + 2 * inter + inter * h + h) + e * h + e
-    return 2 * v * h + h + shape["num_hidden_layers"] * (attn + experts + 2 * h)
+def _param_count(shape):
+    """Parameters of GptOss at `shape`, counted on the meta device (no memory)."""
+    from transformers import AutoModelForCausalLM, GptOssConfig
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(GptOssConfig(**shape))
+    return sum(p.numel() for p in model.parameters())
 
 
 def prepare_unsloth_inputs(shape, rows, device, tokenizer_dir, ckpt_dir):
@@ -504,7 +504,7 @@ def prepare_unsloth_inputs(shape, rows, device, tokenizer_dir, ckpt_dir):
         if ckpt.exists():
             shutil.rmtree(ckpt)
         ckpt.parent.mkdir(parents=True, exist_ok=True)
-        need = 2 * _param_count_estimate(shape) * 1.05  # bf16, 5 % headroom
+        need = 2 * _param_count(shape) * 1.05  # bf16, 5 % headroom
         free = shutil.disk_usage(ckpt.parent).free
         shm = Path("/dev/shm")
         if free < need and shm.is_dir() and shutil.disk_usage(shm).free > need + 16e9:
