@@ -104,6 +104,20 @@ def make_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|return|>", unk_token="<unk>")
 
 
+def round_experts_to_mxfp4(model):
+    """The random experts rounded to MXFP4 values, as a release's are (openai/gpt-oss-20b ships them in MXFP4): the
+    same values train.expert_weights=mxfp4 rounds a random model to (steps.mxfp4's encoder), so every configuration,
+    Unsloth's included (it loads this model saved), trains the same weights."""
+    from steps.mxfp4 import E2M1_VALUES, dequantize_mxfp4, quantize_mxfp4
+
+    lut = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=model.device)
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                for expert in weight:  # (in, out); the release quantizes along `in`
+                    expert.copy_(dequantize_mxfp4(*quantize_mxfp4(expert.T), lut).T)
+
+
 def build_model(shape, attn, device, seed, dtype=torch.bfloat16):
     from transformers import AutoModelForCausalLM, GptOssConfig
 
@@ -112,6 +126,7 @@ def build_model(shape, attn, device, seed, dtype=torch.bfloat16):
     t0 = time.perf_counter()
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attn)
+    round_experts_to_mxfp4(model)
     sync(device)
     log(f"model built on {next(model.parameters()).device} in {time.perf_counter() - t0:.1f}s: "
         f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params, attn={model.config._attn_implementation}, "

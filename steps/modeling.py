@@ -14,6 +14,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 import trl.trainer.utils as trl_utils
 
 from steps.model import DTYPE_NAMES, SHAPE_PRESETS, ModelConfig
+from steps.mxfp4 import E2M1_VALUES, dequantize_mxfp4, quantize_mxfp4
 
 log = logging.getLogger("finetune")
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
@@ -262,6 +263,93 @@ class _RouteRows(torch.autograd.Function):
         return grad, None, None, None
 
 
+_dequantize_mxfp4_cuda = torch.compile(dequantize_mxfp4, dynamic=False)  # one kernel: codes and scales in, values out
+_E2M1_LUTS = {}
+
+
+def _expert_weight(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An MXFP4-held expert projection as `dtype` values, (experts, out, in): transient, one layer at a time."""
+    key = (blocks.device, dtype)
+    if key not in _E2M1_LUTS:
+        _E2M1_LUTS[key] = torch.tensor(E2M1_VALUES, dtype=dtype, device=blocks.device)
+    decode = _dequantize_mxfp4_cuda if blocks.is_cuda else dequantize_mxfp4
+    return decode(blocks, scales, _E2M1_LUTS[key])
+
+
+class _Mxfp4GroupedMM(torch.autograd.Function):
+    """rows @ W_e for each expert e's rows (grouped by `offsets`), W frozen and held in MXFP4 (pack_experts): decoded
+    for the forward GEMM and again for the backward one, so no full-size copy lives between them (1.6 GB a gpt-oss-20b
+    layer in bf16). W takes no gradient. The decodes cost ~11% of a gpt-oss-20b LoRA step on an H200 (~0.9 ms a layer
+    each way; bench/README.md)."""
+
+    @staticmethod
+    def forward(ctx, rows, blocks, scales, offsets, dtype):
+        ctx.save_for_backward(blocks, scales, offsets)
+        ctx.dtype = dtype
+        return _grouped_mm(rows, _expert_weight(blocks, scales, dtype).transpose(1, 2), offsets)
+
+    @staticmethod
+    def backward(ctx, grad):
+        blocks, scales, offsets = ctx.saved_tensors
+        d_rows = _grouped_mm(grad.contiguous(), _expert_weight(blocks, scales, ctx.dtype), offsets)
+        return d_rows, None, None, None, None
+
+
+def _project(experts: GptOssExperts, name: str, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """rows @ experts.<name> per expert, from the MXFP4 blocks where pack_experts left them."""
+    blocks = getattr(experts, f"{name}_blocks", None)
+    if blocks is None:
+        return _grouped_mm(rows, getattr(experts, name), offsets)
+    return _Mxfp4GroupedMM.apply(rows, blocks, getattr(experts, f"{name}_scales"), offsets, getattr(experts, name).dtype)
+
+
+def is_packed(experts) -> bool:
+    return hasattr(experts, "gate_up_proj_blocks")
+
+
+def pack_experts(net: GptOssForCausalLM, *, exact: bool) -> int:
+    """Hold every frozen expert projection in MXFP4, as the openai/gpt-oss releases store them: `<name>_blocks` and
+    `<name>_scales` buffers in the release layout (4.25 bits a weight: 38 GB of gpt-oss-20b's bf16 experts become
+    10 GB), decoded inside each grouped GEMM (_Mxfp4GroupedMM). `<name>` stays as a placeholder parameter of the
+    full shape and dtype backed by one element, for PEFT's ParamWrapper (it reads shape and dtype only); anything that
+    would compute with it directly goes through _lora_experts_forward, which refuses.
+
+    exact: the values must be MXFP4 values already (a release checkpoint dequantized on load, or a bf16 copy of one):
+    anything else raises, since rounding would change the model. exact=False rounds (a random model's draw).
+    Returns the bytes the experts take now.
+    """
+    packed = 0
+    for module_name, module in net.named_modules():
+        if not isinstance(module, GptOssExperts):
+            continue
+        for name in ("gate_up_proj", "down_proj"):
+            weight = getattr(module, name)  # (experts, in, out); the release quantizes along `in`, stored last
+            encoded = [quantize_mxfp4(expert.T) for expert in weight.detach()]
+            blocks = torch.stack([b for b, _ in encoded])
+            scales = torch.stack([s for _, s in encoded])
+            del encoded
+            if exact:
+                lut = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=weight.device)
+                for e, expert in enumerate(weight.detach()):
+                    decoded = dequantize_mxfp4(blocks[e], scales[e], lut)
+                    if not torch.equal(decoded, expert.T.float()):
+                        error = (decoded - expert.T.float()).abs().max().item()
+                        raise ValueError(
+                            f"train.expert_weights=mxfp4: {module_name}.{name} (expert {e}) holds values that are not "
+                            f"MXFP4 values (rounding would move them by up to {error:.3g}), so this checkpoint's "
+                            "experts are not a release's MXFP4 ones; set train.expert_weights=dtype")
+            module.register_buffer(f"{name}_blocks", blocks)
+            module.register_buffer(f"{name}_scales", scales)
+            setattr(module, name, torch.nn.Parameter(
+                torch.zeros((), dtype=weight.dtype, device=weight.device).expand(weight.shape), requires_grad=False))
+            packed += blocks.numel() + scales.numel()
+            del weight
+        module.forward = types.MethodType(_experts_forward, module)  # the only forward that reads the blocks
+    if net.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return packed
+
+
 def _low_rank(rows: torch.Tensor, offsets: torch.Tensor, lora) -> torch.Tensor | None:
     """LoRA's update of a projection, scale * (rows @ A_e) @ B_e for each expert e's rows, where `lora` is
     (A [experts, in, r], B [experts, r, out], scale): two thin grouped GEMMs instead of a full-size W + scale * A @ B."""
@@ -288,10 +376,10 @@ def _experts_forward(self: GptOssExperts, hidden_states: torch.Tensor, router_in
                          min=0, max=self.num_experts - 1)
     offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
     routed = _RouteRows.apply(hidden_states, perm, inverse, top_k)
-    gate_up = _grouped_mm(routed, self.gate_up_proj, offsets)
+    gate_up = _project(self, "gate_up_proj", routed, offsets)
     activated = _ClampedSwiGLU.apply(gate_up, _low_rank(routed, offsets, lora.get("gate_up_proj")),
                                      self.gate_up_proj_bias, expert_ids, self.alpha, self.limit)
-    down = _grouped_mm(activated, self.down_proj, offsets)
+    down = _project(self, "down_proj", activated, offsets)
     down_delta = _low_rank(activated, offsets, lora.get("down_proj"))
     if down_delta is not None:
         down = down + down_delta
@@ -329,6 +417,9 @@ def _lora_experts_forward(self, hidden_states, router_indices=None, routing_weig
     its grouped GEMMs; PEFT's own forward where _expert_lora_factors declines."""
     factors = _expert_lora_factors(self)
     if factors is None or args or kwargs:
+        if is_packed(self.get_base_layer()):
+            raise RuntimeError("PEFT's own expert forward (adapters merged, disabled or several active) cannot run on "
+                               "experts held in MXFP4 (train.expert_weights=mxfp4); set train.expert_weights=dtype")
         return type(self).forward(self, hidden_states, router_indices, routing_weights, *args, **kwargs)
     return _experts_forward(self.get_base_layer(), hidden_states, router_indices, routing_weights, lora=factors)
 

@@ -21,6 +21,7 @@ RELEASE_QUANTIZATION_CONFIG = {
 }
 # E2M1 magnitudes, by code 0-7; the sign is bit 3.
 _E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+E2M1_VALUES = _E2M1 + tuple(-v for v in _E2M1)  # by 4-bit code
 # Memory of common GPUs (GB), smallest first, for the "fits on" figure.
 GPUS_GB = ((16, "16 GB (T4, RTX 5080, A4000)"), (24, "24 GB (L4, A10, RTX 4090)"), (48, "48 GB (L40S, RTX 6000 Ada)"),
            (80, "80 GB (H100, A100 80GB)"), (141, "141 GB (H200)"), (192, "192 GB (B200)"))
@@ -56,28 +57,46 @@ def quantize_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return blocks, (exponent.squeeze(-1) + 127).to(torch.uint8)
 
 
-def release_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The tensors of an MXFP4 checkpoint in the release layout, on the CPU: experts encoded, the rest bf16.
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    """The values of quantize_mxfp4's (..., n, 16) blocks and (..., n) scales: (..., 32 n) in lut's dtype, exact in
+    bf16 or wider (a 4-bit code's value times a power of two). lut: E2M1_VALUES as a tensor of the wanted dtype and
+    device (an argument, so that a compiled caller fuses the whole decode into one kernel)."""
+    codes = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).flatten(-2)
+    scale = torch.exp2(scales.to(torch.float32) - 127.0).to(lut.dtype)
+    return (lut[codes.to(torch.int32)] * scale[..., None]).flatten(-2)
+
+
+def release_state_dict(state_dict: dict[str, torch.Tensor], *, dtype: torch.dtype | None = torch.bfloat16
+                       ) -> dict[str, torch.Tensor]:
+    """The tensors of an MXFP4 checkpoint in the release layout, on the CPU: experts encoded, the rest in `dtype`
+    (None: as they are).
 
     transformers keeps an expert projection as (experts, in, out); the release quantizes along `in`, stored last.
+    Experts already held in that layout (steps.modeling.pack_experts: `<name>_blocks` / `<name>_scales` beside a
+    placeholder `<name>`) are written as they are.
     """
     out = {}
     for name, tensor in state_dict.items():
+        if name.endswith(EXPERT_PROJECTIONS) and f"{name}_blocks" in state_dict:
+            continue  # the placeholder of packed experts
         if name.endswith(EXPERT_PROJECTIONS):
             # One expert at a time: the float32 temporaries of a whole gpt-oss-20b projection would take ~10 GB.
             encoded = [quantize_mxfp4(expert.T) for expert in tensor]
             out[f"{name}_blocks"] = torch.stack([blocks for blocks, _ in encoded]).cpu()
             out[f"{name}_scales"] = torch.stack([scales for _, scales in encoded]).cpu()
+        elif name.endswith(tuple(f"{p}_{part}" for p in EXPERT_PROJECTIONS for part in ("blocks", "scales"))):
+            out[name] = tensor.cpu()
         else:
-            out[name] = tensor.to(torch.bfloat16).cpu()
+            out[name] = tensor.cpu() if dtype is None else tensor.to(dtype).cpu()
     return out
 
 
-def write_checkpoint(model, tmp: Path) -> None:
-    """Weights (5 GB shards with an index, as the release) and a config.json carrying the release's quantization_config."""
+def write_checkpoint(model, tmp: Path, *, dtype: torch.dtype | None = torch.bfloat16) -> None:
+    """Weights (5 GB shards with an index, as the release) and a config.json carrying the release's quantization_config;
+    the tensors other than the experts in `dtype` (None: as the model holds them)."""
     from huggingface_hub import save_torch_state_dict
 
-    tensors = release_state_dict(model.state_dict())
+    tensors = release_state_dict(model.state_dict(), dtype=dtype)
     if not any(name.endswith("_blocks") for name in tensors):
         raise ValueError("the merged model has no gpt-oss expert projections to quantize; merge.export=mxfp4 needs a "
                          "GptOssForCausalLM")
@@ -85,7 +104,7 @@ def write_checkpoint(model, tmp: Path) -> None:
     save_torch_state_dict(tensors, tmp, max_shard_size="5GB", metadata={"format": "pt"})
     config = copy.deepcopy(model.config)
     config.quantization_config = dict(RELEASE_QUANTIZATION_CONFIG)
-    config.dtype = torch.bfloat16
+    config.dtype = dtype or model.dtype
     config.save_pretrained(tmp)
     model.generation_config.save_pretrained(tmp)
 

@@ -131,11 +131,23 @@ class Config:
     next run of this step (the nightly retrain); "" = .compile-cache in the out dir's parent (the output root, which a
     container keeps as a volume). Entries are keyed by the torch, Triton and CUDA versions, the GPU and this code, so a
     change of any of them compiles afresh instead of loading stale kernels."""
+    expert_weights: Literal["dtype", "mxfp4"] = "dtype"
+    """How LoRA holds the frozen expert weights: dtype (train.dtype; an MXFP4 checkpoint is dequantized on load) or
+    mxfp4 (as the openai/gpt-oss releases store them: 4.25 bits a weight, decoded inside each grouped expert GEMM;
+    gpt-oss-20b's experts take 10 GB instead of 38). mxfp4 changes nothing for a checkpoint whose experts are MXFP4
+    values (a release, or a bf16 copy of one; anything else is refused), rounds a random model's experts to MXFP4 (as
+    a release's are), and needs method=lora without fsdp."""
     save_random_base: bool = True
     """model.name=random only: save the random base weights to DIR2/base, which merge needs to add a LoRA adapter to
     (42 GB at the gpt-oss-20b shape); false skips that for benchmarks, and leaves nothing to merge into."""
 
     def __post_init__(self):
+        if self.expert_weights == "mxfp4" and self.method != "lora":
+            raise ValueError("train.expert_weights=mxfp4 holds the experts frozen, but train.method=full trains them; "
+                             "set train.expert_weights=dtype")
+        if self.expert_weights == "mxfp4" and self.fsdp:
+            raise ValueError("train.expert_weights=mxfp4 with train.fsdp=true: FSDP2 shards parameters, and MXFP4-held "
+                             "experts are buffers it would copy whole onto every GPU; set train.expert_weights=dtype")
         if self.fsdp and self.method == "lora" and self.gradient_checkpointing:
             # PEFT 0.21.2 finds adapter weights by module name and strips FSDP's wrapper prefix but not the activation
             # checkpoint wrapper's, so it saves an empty adapter (seen on 2 x H200 and on CPU).
@@ -268,11 +280,12 @@ def save_dir_atomic(out: Path, write, *, is_main: bool = True) -> None:
 
 def compile_cache_key() -> str:
     """What compiled kernels depend on beyond the traced graphs that torch's own cache keys hash: the libraries that
-    generate or launch them, the GPU, and the code of this step and of its model patches (steps/modeling.py)."""
+    generate or launch them, the GPU, and the code of this step and of its model patches (steps/modeling.py, and
+    steps/mxfp4.py's decoder, which it compiles)."""
     import torch
     from importlib import metadata
 
-    from steps import modeling
+    from steps import modeling, mxfp4
 
     def version(dist: str) -> str:
         try:
@@ -285,7 +298,7 @@ def compile_cache_key() -> str:
     for part in (torch.__version__, str(torch.version.cuda), gpu,
                  *(version(d) for d in ("triton", "transformers", "peft", "trl", "accelerate", "liger-kernel"))):
         h.update(part.encode() + b"\0")
-    for module_file in (__file__, modeling.__file__):
+    for module_file in (__file__, modeling.__file__, mxfp4.__file__):
         h.update(Path(module_file).read_bytes())
     return f"torch-{torch.__version__.replace('+', '-')}-{h.hexdigest()[:16]}"
 
@@ -356,7 +369,8 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl import SFTConfig, SFTTrainer
 
-    from steps.modeling import cpu_lm_head, fast_experts, load_model, lora_experts, mask_packed_documents
+    from steps.modeling import cpu_lm_head, fast_experts, load_model, lora_experts, mask_packed_documents, pack_experts
+    from steps.mxfp4 import write_checkpoint
     from steps.progress import Progress, model_flops_per_token, peak_bf16_flops, peak_mem_gib
 
     # PEFT 0.21.2 and TRL 1.16 read model.is_gradient_checkpointing, which transformers 5.23 deprecates: a FutureWarning
@@ -479,6 +493,10 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
                      device="cpu" if cfg.fsdp else cfg.device, empty_weights=cfg.fsdp and local_rank != 0)
     net.config.use_cache = False
     fast_experts(net)
+    if cfg.expert_weights == "mxfp4":
+        num_bytes = pack_experts(net, exact=cfg.model.name != "random")
+        log.info("train: experts held in MXFP4 (%.2f GB)%s", num_bytes / 1e9,
+                 ", the random draw rounded to MXFP4 values" if cfg.model.name == "random" else "")
     if cfg.packing:
         mask_packed_documents(net)
     phase_done("load", "model loaded")
@@ -492,7 +510,10 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
         elif cfg.model.name == "random":
             # Random weights exist nowhere else: keep the exact base so merge can add the adapter to it.
             def write_base(tmp: Path):
-                net.save_pretrained(tmp)
+                if cfg.expert_weights == "mxfp4":  # as the release lays it out; merge dequantizes it on load
+                    write_checkpoint(net, tmp, dtype=None)
+                else:
+                    net.save_pretrained(tmp)
                 tokenizer.save_pretrained(tmp)
             if is_main:
                 save_dir_atomic(out_dir / "base", write_base)

@@ -8,7 +8,8 @@ import torch
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 
 from steps.model import ModelConfig
-from steps.modeling import _ClampedSwiGLU, fast_experts, load_model, lora_experts
+from steps.modeling import _ClampedSwiGLU, fast_experts, load_model, lora_experts, pack_experts
+from steps.mxfp4 import E2M1_VALUES, dequantize_mxfp4, quantize_mxfp4
 from hub_layout import RELEASE_QUANTIZATION_CONFIG, write_quantized_checkpoint
 
 pytestmark = pytest.mark.unit
@@ -157,6 +158,88 @@ def test_expert_lora_inside_the_grouped_gemms_gives_peft_loss_gradients_and_adap
             assert rel_err(merged(input_ids=ids).logits, logits) <= tol
 
 
+def _round_experts_to_mxfp4(model):
+    lut = torch.tensor(E2M1_VALUES, device=model.device)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, GptOssExperts):
+                for weight in (module.gate_up_proj, module.down_proj):
+                    for expert in weight:
+                        expert.copy_(dequantize_mxfp4(*quantize_mxfp4(expert.T), lut).T)
+    return model
+
+
+def test_experts_held_in_mxfp4_give_the_decoded_models_loss_and_lora_gradients():
+    """pack_experts against the same model with its experts as float32 values (both MXFP4-exact), LoRA on attention
+    and every layer's experts inside the grouped GEMMs: the same loss and every LoRA gradient (float32, CPU); the
+    packed model keeps no full-size expert weight; PEFT's own expert forward, which would read the placeholder, is
+    refused; a model whose experts are not MXFP4 values is refused rather than rounded."""
+    from peft import LoraConfig, get_peft_model
+
+    shape = {"preset": "tiny", "num_hidden_layers": 2, "num_local_experts": 4, "num_experts_per_tok": 2}
+    ids = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(1))
+
+    def base():
+        return load_model(ModelConfig(name="random", tokenizer="o200k-offline", seed=0, random_shape=shape),
+                          vocab_size=512, dtype="float32", attn_implementation="eager", device="cpu")
+
+    with pytest.raises(ValueError, match="experts.gate_up_proj .expert 0. holds values that are not MXFP4 values.*"
+                                         "set train.expert_weights=dtype"):
+        pack_experts(base(), exact=True)
+
+    def lora_model(packed: bool):
+        model = _round_experts_to_mxfp4(base())
+        fast_experts(model)
+        if packed:
+            # 2 layers x 4 experts x (64 x 128 gate_up + 64 x 64 down) weights, 16 + 1 bytes per block of 32
+            assert pack_experts(model, exact=True) == 2 * 4 * 3 * 64 * 64 * 17 // 32
+        config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", target_parameters=[
+            f"layers.{i}.mlp.experts.{p}" for i in range(2) for p in ("gate_up_proj", "down_proj")])
+        model = get_peft_model(model, config)
+        with torch.no_grad():
+            gen = torch.Generator().manual_seed(3)
+            for name, param in model.named_parameters():
+                if "lora_" in name:
+                    param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
+        assert lora_experts(model) == 2
+        return model
+
+    def loss_and_grads(model):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    loss_ref, grads_ref = loss_and_grads(lora_model(packed=False))
+    packed = lora_model(packed=True)
+    loss_ours, grads_ours = loss_and_grads(packed)
+    assert torch.allclose(loss_ours, loss_ref, rtol=1e-6, atol=0)
+    assert grads_ours.keys() == grads_ref.keys() and len([n for n in grads_ref if ".experts." in n]) == 2 * 2 * 2
+    for name, grad in grads_ref.items():
+        assert grad.abs().sum() > 0, name
+        assert float((grads_ours[name] - grad).norm() / grad.norm()) <= 1e-5, name
+    experts = [m for m in packed.modules() if isinstance(m, GptOssExperts)]
+    assert len(experts) == 2 and all(m.gate_up_proj.untyped_storage().nbytes() <= 4 for m in experts)
+    with packed.disable_adapter(), pytest.raises(RuntimeError, match="cannot run on experts held in MXFP4"):
+        packed(input_ids=ids)
+
+
+def test_an_mxfp4_checkpoint_held_packed_keeps_the_release_bytes(tmp_path):
+    """A checkpoint in the Hub layout, dequantized on load and packed again (exact=True): the blocks and scales are the
+    file's own bytes, so holding the experts in MXFP4 changes nothing about the model."""
+    from safetensors.torch import load_file
+
+    write_quantized_checkpoint(tmp_path, RELEASE_QUANTIZATION_CONFIG)
+    stored = load_file(tmp_path / "model.safetensors")
+    net = load_model(ModelConfig(name=str(tmp_path), tokenizer="o200k-offline"), vocab_size=512, dtype="bfloat16",
+                     attn_implementation="eager", device="cpu")
+    pack_experts(net, exact=True)
+    state = net.state_dict()
+    names = [n for n in stored if n.endswith(("_blocks", "_scales"))]
+    assert len(names) == 8
+    for name in names:
+        assert torch.equal(state[name], stored[name]), name
+
+
 @pytest.mark.gpu
 def test_fast_experts_on_gpu_are_as_accurate_as_transformers_in_bf16():
     """On CUDA (compiled activation kernels, F.grouped_mm) at gpt-oss-20b width, 2 layers: against an fp32 run of
@@ -237,6 +320,51 @@ def test_expert_lora_on_gpu_is_as_accurate_as_peft_in_bf16_without_its_weight_co
     assert abs(loss_ours - loss_ref) <= 1.5 * abs(loss_peft - loss_ref) + 1e-3 * loss_ref
     # PEFT's W + scale * A @ B of two layers in bf16: 2 x 1.48 GiB; at least 2 of those 2.97 GiB must be gone
     assert peak_ours <= peak_peft - 2.0
+
+
+@pytest.mark.gpu
+def test_experts_held_in_mxfp4_on_gpu_match_the_decoded_bf16_model_in_a_quarter_of_its_memory():
+    """On CUDA (the compiled decoder, F.grouped_mm) at gpt-oss-20b width, 2 layers, LoRA on attention and both layers'
+    experts: holding the (MXFP4-exact) experts packed gives the bf16 model's loss and LoRA gradients to bf16 rounding,
+    and the experts take 17/64 of their bf16 bytes."""
+    from peft import LoraConfig, get_peft_model
+
+    base = load_model(ModelConfig(name="random", tokenizer="o200k-offline", seed=0,
+                                  random_shape={"preset": "gpt-oss-20b", "num_hidden_layers": 2}),
+                      vocab_size=201088, dtype="bfloat16", attn_implementation="eager", device="cuda")
+    _round_experts_to_mxfp4(base)
+    fast_experts(base)
+    ids = torch.randint(0, 199998, (2, 512), generator=torch.Generator().manual_seed(1)).cuda()
+    config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", target_parameters=[
+        f"layers.{i}.mlp.experts.{p}" for i in range(2) for p in ("gate_up_proj", "down_proj")])
+
+    def loss_and_grads(model):
+        model = get_peft_model(model, config)
+        with torch.no_grad():
+            gen = torch.Generator(device="cuda").manual_seed(3)
+            for name, param in model.named_parameters():
+                if "lora_" in name:
+                    param.copy_(torch.randn(param.shape, generator=gen, device="cuda") * 0.02)
+        assert lora_experts(model) == 2
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.cuda.synchronize()
+        return loss.item(), torch.cat([p.grad.float().flatten() for n, p in model.named_parameters() if "lora_" in n])
+
+    packed = copy.deepcopy(base)
+    before = torch.cuda.memory_allocated()
+    num_bytes = pack_experts(packed, exact=True)
+    freed = before - torch.cuda.memory_allocated()
+    bf16_bytes = 2 * 3 * 2880 * 2880 * 32 * 2  # 2 layers x (gate_up + down) x 32 experts in bf16
+    loss_bf16, grads_bf16 = loss_and_grads(base)
+    loss_packed, grads_packed = loss_and_grads(packed)
+    err = ((grads_packed - grads_bf16).norm() / grads_bf16.norm()).item()
+    print(f"loss bf16 experts {loss_bf16:.6f} MXFP4-held {loss_packed:.6f}; LoRA gradient rel. difference {err:.2e}; "
+          f"experts {num_bytes / 2**30:.3f} GiB held, {freed / 2**30:.3f} GiB freed by packing")
+    assert num_bytes == 2 * 3 * 2880 * 2880 * 32 * 17 // 32
+    assert freed >= bf16_bytes - num_bytes - 2**20
+    assert abs(loss_packed - loss_bf16) <= 1e-3 * loss_bf16
+    assert err <= 2e-2
 
 
 def test_mxfp4_checkpoint_loads_with_experts_dequantized_and_trainable(tmp_path):

@@ -58,6 +58,23 @@ def test_encoder_picks_the_smallest_scale_and_the_nearest_value(dtype):
     assert ((value - x).norm() / x.norm()).item() < 0.15
 
 
+def test_the_decoder_gives_the_independent_decoders_values():
+    """steps.mxfp4.dequantize_mxfp4 (what train.expert_weights=mxfp4 decodes with) against tests/hub_layout.py's
+    decode, written from the format's definition: every code, signed zeros, extreme scale bytes (2, 252) and an
+    all-zero block with the encoder's scale byte 0."""
+    gen = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 256, (4, 9, 16), dtype=torch.uint8, generator=gen)
+    blocks[0, 0] = torch.arange(16, dtype=torch.uint8) * 17  # codes 0..15, each in both nibbles
+    scales = torch.randint(2, 253, (4, 9), dtype=torch.uint8, generator=gen)
+    scales[0, 1], scales[0, 2], scales[0, 3] = 2, 252, 0
+    blocks[0, 3] = 0
+    expected = decode(blocks, scales)
+    looked_up = mxfp4.dequantize_mxfp4(blocks, scales, torch.tensor(mxfp4.E2M1_VALUES))
+    assert torch.equal(looked_up, expected) and torch.equal(torch.signbit(looked_up), torch.signbit(expected))
+    in_bf16 = mxfp4.dequantize_mxfp4(blocks, scales, torch.tensor(mxfp4.E2M1_VALUES, dtype=torch.bfloat16))
+    assert in_bf16.dtype == torch.bfloat16 and torch.equal(in_bf16.float(), expected)
+
+
 def test_transformers_decodes_what_the_encoder_wrote():
     """The loader that serves the export (transformers' own MXFP4 dequantization) reads our bytes as we meant them."""
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors

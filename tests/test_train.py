@@ -128,6 +128,44 @@ def test_lora_leaves_frozen_weights_bit_identical(lora_run):
     assert not any(p.requires_grad for name, p in net.named_parameters() if "lora_" not in name)
 
 
+def test_lora_on_experts_held_in_mxfp4_trains_and_keeps_that_base_for_merge(harmony_dir, tmp_path):
+    """train.expert_weights=mxfp4 on a random model: its experts are rounded to MXFP4 and held packed; the loss falls,
+    the expert adapters train, and the base saved for merge is those packed experts in the release layout, which
+    load_model (what merge calls) decodes to exactly the values training ran on."""
+    from steps.mxfp4 import E2M1_VALUES, dequantize_mxfp4
+
+    captured = {}
+
+    def capture(*args, **kwargs):
+        captured["net"] = load_model(*args, **kwargs)
+        return captured["net"]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(modeling, "load_model", capture)
+        output = train.run(train_config(expert_weights="mxfp4"), out_dir=tmp_path, inputs={"harmony": harmony_dir},
+                           tracker=NullTracker())
+    assert output.train_loss_last < output.train_loss_first - 0.3, output.loss_curve
+    adapter = load_file(tmp_path / output.model_dir / "adapter_model.safetensors")
+    expert_b = [k for k in adapter if "mlp.experts" in k and "lora_B" in k]
+    assert len(expert_b) == 4 and all(adapter[k].abs().max() > 0 for k in expert_b)
+
+    base_dir = tmp_path / output.base_model
+    assert json.loads((base_dir / "config.json").read_text())["quantization_config"]["quant_method"] == "mxfp4"
+    stored = load_file(base_dir / "model.safetensors")
+    base = load_model(ModelConfig(name=str(base_dir), tokenizer="o200k-offline"), vocab_size=stored[
+        "model.embed_tokens.weight"].shape[0], dtype="float32", attn_implementation="eager", device="cpu")
+    lut = torch.tensor(E2M1_VALUES)
+    for layer in (0, 1):
+        experts = captured["net"].model.layers[layer].mlp.experts.get_base_layer()  # under PEFT's ParamWrappers
+        for name in ("gate_up_proj", "down_proj"):
+            key = f"model.layers.{layer}.mlp.experts.{name}"
+            blocks = getattr(experts, f"{name}_blocks")
+            assert blocks.dtype == torch.uint8 and torch.equal(stored[f"{key}_blocks"], blocks)
+            held = dequantize_mxfp4(blocks, getattr(experts, f"{name}_scales"), lut).transpose(1, 2)
+            assert torch.equal(base.get_parameter(key), held), key
+            assert getattr(experts, name).untyped_storage().nbytes() <= 4  # no full-size copy beside the blocks
+
+
 def test_metrics_reach_the_tracker_every_step(lora_run):
     output, out_dir, _, tracker = lora_run
     per_step = [(step, m) for step, m in tracker.metrics if "loss" in m]
@@ -307,6 +345,10 @@ def test_lora_target_that_matches_nothing_lists_what_exists(harmony_dir, tmp_pat
     ({"lora_target_modules": [], "lora_expert_layers": []}, "LoRA would train nothing"),
     ({"lora_expert_layers": "some"}, "use all or a list of layer indices"),
     ({"max_steps": 0}, "train.max_steps=0"),
+    ({"expert_weights": "mxfp4", "method": "full"}, "train.expert_weights=mxfp4 holds the experts frozen, but "
+     "train.method=full trains them; set train.expert_weights=dtype"),
+    ({"expert_weights": "mxfp4", "fsdp": True}, "train.expert_weights=mxfp4 with train.fsdp=true.*set "
+     "train.expert_weights=dtype"),
     ({"lr_scheduler": "cosine_wit_min_lr"}, "train.lr_scheduler='cosine_wit_min_lr' is unknown"),
     ({"learning_rate": -5}, "train.learning_rate=-5 must be positive"),
     ({"lr_scheduler": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr_rat": 0.1}},
