@@ -1,13 +1,14 @@
 """The load of a gpt-oss-20b checkpoint in its Hub layout (MXFP4 experts + bf16 rest), timed from disk to a first
 forward/backward, through steps.modeling.load_model (what the train step calls).
 
-python bench/load_mxfp4.py --out DIR [--ckpt-dir /tmp/gpt-oss-20b-random] [--keep]
+python bench/load_mxfp4.py --out DIR [--ckpt-dir /tmp/gpt-oss-20b-random] [--modes dequantized,packed]
 
 Writes a checkpoint of the exact openai/gpt-oss-20b shape and layout with random content (3 shards + index, experts
 as *_blocks/*_scales uint8, everything else bf16, the release's quantization_config), drops the page cache where
-allowed, then in a new process: load_model(name=that folder, device=cuda, dtype=bfloat16), which dequantizes the
-experts, with the time and device of every expert dequantization recorded; then one forward/backward of 2,048 tokens
-(eager attention, nothing compiled). Writes DIR/load_mxfp4.json. Not a test.
+allowed, then, for each of --modes, in a new process: load_model(name=that folder, device=cuda, dtype=bfloat16), which
+dequantizes the experts (mode dequantized, the time and device of every expert dequantization recorded) or keeps them
+as stored (mode packed: packed_experts=True, what train.expert_weights=mxfp4 loads); then one forward/backward of 2,048
+tokens (eager attention, nothing compiled). Writes DIR/load_mxfp4.json. Not a test.
 """
 import argparse
 import json
@@ -79,7 +80,7 @@ def write_checkpoint(path: Path, tokenizer_vocab: int, device: str, preset: str)
             "shards": len(shards), "built_on_gpu_s": round(built_s, 1), "written_s": round(time.perf_counter() - t1, 1)}
 
 
-def load_and_step(path: str, vocab: int, device: str) -> dict:
+def load_and_step(path: str, vocab: int, device: str, packed: bool) -> dict:
     """In a fresh process: the timed load and a first forward/backward."""
     t_start = time.perf_counter()
     import torch
@@ -110,10 +111,12 @@ def load_and_step(path: str, vocab: int, device: str) -> dict:
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     t0 = time.perf_counter()
     net = load_model(ModelConfig(name=path, tokenizer="o200k-offline"), vocab_size=vocab, dtype="bfloat16",
-                     attn_implementation="eager", device=device)
+                     attn_implementation="eager", device=device, packed_experts=packed)
     sync()
     load_s = time.perf_counter() - t0
+    load_peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None
     experts = net.model.layers[0].mlp.experts
+    held = experts.gate_up_proj_blocks if packed else experts.gate_up_proj
     fast_experts(net)
     ids = torch.randint(0, min(vocab, 199998), (1, 2048 if device == "cuda" else 32), generator=torch.Generator().manual_seed(1))
     ids = ids.to(device)
@@ -127,8 +130,8 @@ def load_and_step(path: str, vocab: int, device: str) -> dict:
     return {"imports_s": round(imported_s, 1), "load_s": round(load_s, 1),
             "dequantized_tensors": len(dequant), "dequantize_s_total": round(sum(d["s"] for d in dequant), 2),
             "dequantize_devices_in_out": devices, "first_fwd_bwd_s": round(step_s, 2), "loss": loss.item(),
-            "expert_dtype": str(experts.gate_up_proj.dtype), "expert_device": str(experts.gate_up_proj.device),
-            "expert_shape": list(experts.gate_up_proj.shape), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
+            "expert_dtype": str(held.dtype), "expert_device": str(held.device), "expert_shape": list(held.shape),
+            "load_peak_gib": load_peak, "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
             "process_s": round(time.perf_counter() - t_start, 1)}
 
 
@@ -138,10 +141,13 @@ def main():
     ap.add_argument("--ckpt-dir", default="/tmp/gpt-oss-20b-random-mxfp4")
     ap.add_argument("--vocab", type=int, default=201088)
     ap.add_argument("--tiny", action="store_true", help="the tiny preset on CPU, to shake out bugs")
-    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--modes", default="dequantized,packed", help="dequantized (train.expert_weights=dtype), packed "
+                    "(train.expert_weights=mxfp4), each in a new process")
+    ap.add_argument("--child", choices=("dequantized", "packed"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        print("RESULT " + json.dumps(load_and_step(a.ckpt_dir, a.vocab, "cpu" if a.tiny else "cuda")), flush=True)
+        result = load_and_step(a.ckpt_dir, a.vocab, "cpu" if a.tiny else "cuda", packed=a.child == "packed")
+        print("RESULT " + json.dumps(result), flush=True)
         return
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -149,21 +155,24 @@ def main():
     log(f"writing {ckpt}")
     summary = {"checkpoint": write_checkpoint(ckpt, a.vocab, "cpu" if a.tiny else "cuda", "tiny" if a.tiny else "gpt-oss-20b")}
     log(json.dumps(summary["checkpoint"]))
-    if a.tiny:  # a shared development machine: leave its page cache alone
-        summary["page_cache"] = "not dropped (--tiny)"
-    else:  # the device machine is this run's alone
-        try:
-            Path("/proc/sys/vm/drop_caches").write_text("3\n")
-            summary["page_cache"] = "dropped before the load (cold disk)"
-        except OSError as e:
-            summary["page_cache"] = f"not dropped ({e.strerror}): the load reads from memory"
-    t = time.time()
-    r = subprocess.run([sys.executable, __file__, "--out", a.out, "--ckpt-dir", a.ckpt_dir, "--vocab", str(a.vocab),
-                        "--child", *(["--tiny"] if a.tiny else [])], capture_output=True, text=True, cwd=REPO)
-    summary["process_wall_s"] = round(time.time() - t, 1)
-    (out / "load_mxfp4-child.log").write_text(r.stdout + r.stderr)
-    line = next((l for l in r.stdout.splitlines() if l.startswith("RESULT ")), None)
-    summary["load"] = json.loads(line[7:]) if line else {"error": (r.stderr or r.stdout)[-2000:]}
+    summary["load"] = {}
+    for mode in a.modes.split(","):
+        if a.tiny:  # a shared development machine: leave its page cache alone
+            summary[f"page_cache_{mode}"] = "not dropped (--tiny)"
+        else:  # the device machine is this run's alone
+            try:
+                Path("/proc/sys/vm/drop_caches").write_text("3\n")
+                summary[f"page_cache_{mode}"] = "dropped before the load (cold disk)"
+            except OSError as e:
+                summary[f"page_cache_{mode}"] = f"not dropped ({e.strerror}): the load reads from memory"
+        t = time.time()
+        r = subprocess.run([sys.executable, __file__, "--out", a.out, "--ckpt-dir", a.ckpt_dir, "--vocab", str(a.vocab),
+                            "--child", mode, *(["--tiny"] if a.tiny else [])], capture_output=True, text=True, cwd=REPO)
+        (out / f"load_mxfp4-child-{mode}.log").write_text(r.stdout + r.stderr)
+        line = next((l for l in r.stdout.splitlines() if l.startswith("RESULT ")), None)
+        summary["load"][mode] = json.loads(line[7:]) if line else {"error": (r.stderr or r.stdout)[-2000:]}
+        summary["load"][mode]["process_wall_s"] = round(time.time() - t, 1)
+        log(f"{mode}: {json.dumps(summary['load'][mode])}")
     (out / "load_mxfp4.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
 

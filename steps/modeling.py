@@ -29,13 +29,15 @@ def random_config(model: ModelConfig, *, vocab_size: int) -> GptOssConfig:
 
 
 def load_model(model: ModelConfig, *, vocab_size: int, dtype: str, attn_implementation: str,
-               device: str, empty_weights: bool = False) -> GptOssForCausalLM:
+               device: str, empty_weights: bool = False, packed_experts: bool = False) -> GptOssForCausalLM:
     """The model to train: random weights of `random_shape` seeded by model.seed, or a checkpoint in bf16/fp32.
 
     empty_weights (name=random only): uninitialised placeholders, for FSDP ranks that receive rank 0's weights.
 
-    gpt-oss Hub checkpoints store the experts in MXFP4; they are dequantized on load because the packed 4-bit
-    experts take no gradients.
+    gpt-oss Hub checkpoints store the experts in MXFP4; they are dequantized on load (trainable experts), or with
+    packed_experts kept as stored (pack_experts' layout, for LoRA's frozen experts): read straight from the files, never
+    built in `dtype`. packed_experts on a random model rounds its experts to MXFP4; on an unquantized checkpoint it
+    packs experts that are MXFP4 values already and refuses any others.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} cannot be trained: training MXFP4 (or any packed format) directly is not "
@@ -61,6 +63,9 @@ def load_model(model: ModelConfig, *, vocab_size: int, dtype: str, attn_implemen
         log.info("model: random gpt-oss, %d layers, hidden %d, %d experts, %.1f M parameters (seed %d)",
                  config.num_hidden_layers, config.hidden_size, config.num_local_experts,
                  sum(p.numel() for p in net.parameters()) / 1e6, model.seed)
+        if packed_experts:
+            log.info("model: experts held in MXFP4 (%.2f GB), the random draw rounded to MXFP4 values",
+                     pack_experts(net, exact=False) / 1e9)
         return net
     config = AutoConfig.from_pretrained(model.name, revision=model.revision)
     if config.model_type != "gpt_oss":
@@ -72,6 +77,9 @@ def load_model(model: ModelConfig, *, vocab_size: int, dtype: str, attn_implemen
     kwargs = {}
     quant = getattr(config, "quantization_config", None)
     quant_method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    if quant_method == "mxfp4" and packed_experts:
+        return _load_mxfp4_packed(model, config, dtype=torch_dtype, attn_implementation=attn_implementation,
+                                  device=device)
     if quant_method == "mxfp4":
         kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
     elif quant_method is not None:
@@ -82,6 +90,61 @@ def load_model(model: ModelConfig, *, vocab_size: int, dtype: str, attn_implemen
         device_map=device, use_cache=False, **kwargs)
     log.info("model: %s@%s loaded in %s%s", model.name, model.revision, dtype,
              " (MXFP4 experts dequantized)" if kwargs else "")
+    if packed_experts:
+        log.info("model: experts held in MXFP4 (%.2f GB)", pack_experts(net, exact=True) / 1e9)
+    return net
+
+
+def _load_mxfp4_packed(model: ModelConfig, config: GptOssConfig, *, dtype: torch.dtype, attn_implementation: str,
+                       device: str) -> GptOssForCausalLM:
+    """An MXFP4 checkpoint with its experts as stored: the model built without weights, every other tensor read from
+    the files onto `device` in `dtype`, the experts' `*_blocks` / `*_scales` kept as pack_experts keeps them.
+    transformers' own loader would dequantize them first (its packed path needs Triton kernels fetched from the Hub)."""
+    from pathlib import Path
+
+    from accelerate.utils import set_module_tensor_to_device
+    from huggingface_hub import snapshot_download
+    from safetensors import safe_open
+
+    folder = Path(model.name)
+    if not folder.is_dir():
+        folder = Path(snapshot_download(model.name, revision=model.revision, allow_patterns=["*.safetensors"]))
+    del config.quantization_config  # what it holds is a plain model with frozen, packed experts
+    config._attn_implementation = attn_implementation
+    config.use_cache = False
+    with init_empty_weights(include_buffers=False):
+        net = GptOssForCausalLM._from_config(config, dtype=dtype)
+    wanted, packed = {name for name, _ in net.named_parameters()}, {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(shard, framework="pt", device=device) as f:
+            for key in f.keys():
+                if key.endswith(("_blocks", "_scales")):
+                    packed[key] = f.get_tensor(key)
+                elif key in wanted:
+                    set_module_tensor_to_device(net, key, device, value=f.get_tensor(key), dtype=dtype)
+                    wanted.discard(key)
+    for module_name, module in net.named_modules():
+        if not isinstance(module, GptOssExperts):
+            continue
+        for name in ("gate_up_proj", "down_proj"):
+            key = f"{module_name}.{name}"
+            if f"{key}_blocks" not in packed or f"{key}_scales" not in packed:
+                continue  # reported as missing below
+            module.register_buffer(f"{name}_blocks", packed.pop(f"{key}_blocks"))
+            module.register_buffer(f"{name}_scales", packed.pop(f"{key}_scales"))
+            setattr(module, name, torch.nn.Parameter(
+                torch.zeros((), dtype=dtype, device=device).expand(getattr(module, name).shape), requires_grad=False))
+            wanted.discard(key)
+        module.forward = types.MethodType(_experts_forward, module)
+    if wanted or packed:
+        raise ValueError(f"model.name={model.name!r}: its safetensors files lack {sorted(wanted)[:4]}"
+                         f"{' and hold no model tensors ' + str(sorted(packed)[:4]) if packed else ''}; "
+                         "it is not a complete gpt-oss checkpoint in the release layout (set train.expert_weights=dtype "
+                         "to load it through transformers)")
+    net.to(device)  # the buffers built with the model (rotary inv_freq)
+    num_bytes = sum(b.numel() for name, b in net.named_buffers() if name.endswith(("_blocks", "_scales")))
+    log.info("model: %s@%s loaded in %s, experts held in MXFP4 as stored (%.2f GB)", model.name, model.revision,
+             str(dtype).removeprefix("torch."), num_bytes / 1e9)
     return net
 
 

@@ -135,8 +135,9 @@ class Config:
     """How LoRA holds the frozen expert weights: dtype (train.dtype; an MXFP4 checkpoint is dequantized on load) or
     mxfp4 (as the openai/gpt-oss releases store them: 4.25 bits a weight, decoded inside each grouped expert GEMM;
     gpt-oss-20b's experts take 10 GB instead of 38). mxfp4 changes nothing for a checkpoint whose experts are MXFP4
-    values (a release, or a bf16 copy of one; anything else is refused), rounds a random model's experts to MXFP4 (as
-    a release's are), and needs method=lora without fsdp."""
+    values: a release (its experts read from the files as stored, never decoded whole) or a bf16 copy of one; any
+    others are refused. It rounds a random model's experts to MXFP4 (as a release's are) and needs method=lora
+    without fsdp."""
     save_random_base: bool = True
     """model.name=random only: save the random base weights to DIR2/base, which merge needs to add a LoRA adapter to
     (42 GB at the gpt-oss-20b shape); false skips that for benchmarks, and leaves nothing to merge into."""
@@ -369,7 +370,7 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl import SFTConfig, SFTTrainer
 
-    from steps.modeling import cpu_lm_head, fast_experts, load_model, lora_experts, mask_packed_documents, pack_experts
+    from steps.modeling import cpu_lm_head, fast_experts, load_model, lora_experts, mask_packed_documents
     from steps.mxfp4 import write_checkpoint
     from steps.progress import Progress, model_flops_per_token, peak_bf16_flops, peak_mem_gib
 
@@ -490,13 +491,10 @@ def run(cfg: Config, *, out_dir: Path, inputs: Mapping[str, Path], tracker: Trac
     # (FSDP_CPU_RAM_EFFICIENT_LOADING), a random model gets empty ones.
     log.info("train: loading the model (%s)", cfg.model.name)
     net = load_model(cfg.model, vocab_size=len(tokenizer), dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
-                     device="cpu" if cfg.fsdp else cfg.device, empty_weights=cfg.fsdp and local_rank != 0)
+                     device="cpu" if cfg.fsdp else cfg.device, empty_weights=cfg.fsdp and local_rank != 0,
+                     packed_experts=cfg.expert_weights == "mxfp4")
     net.config.use_cache = False
     fast_experts(net)
-    if cfg.expert_weights == "mxfp4":
-        num_bytes = pack_experts(net, exact=cfg.model.name != "random")
-        log.info("train: experts held in MXFP4 (%.2f GB)%s", num_bytes / 1e9,
-                 ", the random draw rounded to MXFP4 values" if cfg.model.name == "random" else "")
     if cfg.packing:
         mask_packed_documents(net)
     phase_done("load", "model loaded")

@@ -240,6 +240,36 @@ def test_an_mxfp4_checkpoint_held_packed_keeps_the_release_bytes(tmp_path):
         assert torch.equal(state[name], stored[name]), name
 
 
+def test_an_mxfp4_checkpoint_loads_packed_without_decoding_its_experts(tmp_path):
+    """load_model(packed_experts=True) on a checkpoint in the Hub layout reads the experts' blocks and scales straight
+    from the files, without transformers' loader (which decodes them to bf16 first), into the same model as the
+    decode-then-pack route: every tensor, the logits; a checkpoint missing a tensor is refused by name."""
+    from safetensors.torch import load_file, save_file
+
+    write_quantized_checkpoint(tmp_path / "ckpt", RELEASE_QUANTIZATION_CONFIG)
+    kwargs = dict(vocab_size=512, dtype="bfloat16", attn_implementation="eager", device="cpu")
+    reference = load_model(ModelConfig(name=str(tmp_path / "ckpt"), tokenizer="o200k-offline"), **kwargs)
+    pack_experts(reference, exact=True)
+    with mock.patch("steps.modeling.AutoModelForCausalLM.from_pretrained", side_effect=AssertionError("decoded")):
+        net = load_model(ModelConfig(name=str(tmp_path / "ckpt"), tokenizer="o200k-offline"), packed_experts=True,
+                         **kwargs)
+    expected, got = reference.state_dict(), net.state_dict()
+    assert got.keys() == expected.keys() and len([k for k in got if k.endswith("_blocks")]) == 4
+    for name, tensor in expected.items():
+        assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name
+    assert all(m.gate_up_proj.untyped_storage().nbytes() <= 4 for m in net.modules() if isinstance(m, GptOssExperts))
+    ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(net(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+    (tmp_path / "ckpt" / "model.safetensors").rename(tmp_path / "full.safetensors")
+    tensors = load_file(tmp_path / "full.safetensors")
+    del tensors["model.layers.1.self_attn.sinks"]
+    save_file(tensors, tmp_path / "ckpt" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lack \['model.layers.1.self_attn.sinks'\].*set train.expert_weights=dtype"):
+        load_model(ModelConfig(name=str(tmp_path / "ckpt"), tokenizer="o200k-offline"), packed_experts=True, **kwargs)
+
+
 @pytest.mark.gpu
 def test_fast_experts_on_gpu_are_as_accurate_as_transformers_in_bf16():
     """On CUDA (compiled activation kernels, F.grouped_mm) at gpt-oss-20b width, 2 layers: against an fp32 run of
