@@ -14,7 +14,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 import trl.trainer.utils as trl_utils
 
 from steps.model import DTYPE_NAMES, SHAPE_PRESETS, ModelConfig
-from steps.mxfp4 import E2M1_VALUES, dequantize_mxfp4, quantize_mxfp4
+from steps.mxfp4 import E2M1_VALUES, dequantize_mxfp4, quantize_experts
 
 log = logging.getLogger("finetune")
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
@@ -130,12 +130,8 @@ def _load_mxfp4_packed(model: ModelConfig, config: GptOssConfig, *, dtype: torch
             key = f"{module_name}.{name}"
             if f"{key}_blocks" not in packed or f"{key}_scales" not in packed:
                 continue  # reported as missing below
-            module.register_buffer(f"{name}_blocks", packed.pop(f"{key}_blocks"))
-            module.register_buffer(f"{name}_scales", packed.pop(f"{key}_scales"))
-            setattr(module, name, torch.nn.Parameter(
-                torch.zeros((), dtype=dtype, device=device).expand(getattr(module, name).shape), requires_grad=False))
+            _hold_packed(module, name, packed.pop(f"{key}_blocks"), packed.pop(f"{key}_scales"), dtype=dtype)
             wanted.discard(key)
-        module.forward = types.MethodType(_experts_forward, module)
     if wanted or packed:
         raise ValueError(f"model.name={model.name!r}: its safetensors files lack {sorted(wanted)[:4]}"
                          f"{' and hold no model tensors ' + str(sorted(packed)[:4]) if packed else ''}; "
@@ -370,6 +366,18 @@ def is_packed(experts) -> bool:
     return hasattr(experts, "gate_up_proj_blocks")
 
 
+def _hold_packed(module: GptOssExperts, name: str, blocks: torch.Tensor, scales: torch.Tensor, *,
+                 dtype: torch.dtype) -> None:
+    """Hold module.<name> as MXFP4 blocks and scales (release layout) beside a placeholder parameter of its shape and
+    dtype backed by one element, and run the module through the one forward that reads the blocks."""
+    shape = getattr(module, name).shape
+    module.register_buffer(f"{name}_blocks", blocks)
+    module.register_buffer(f"{name}_scales", scales)
+    setattr(module, name, torch.nn.Parameter(torch.zeros((), dtype=dtype, device=blocks.device).expand(shape),
+                                             requires_grad=False))
+    module.forward = types.MethodType(_experts_forward, module)
+
+
 def pack_experts(net: GptOssForCausalLM, *, exact: bool) -> int:
     """Hold every frozen expert projection in MXFP4, as the openai/gpt-oss releases store them: `<name>_blocks` and
     `<name>_scales` buffers in the release layout (4.25 bits a weight: 38 GB of gpt-oss-20b's bf16 experts become
@@ -386,11 +394,8 @@ def pack_experts(net: GptOssForCausalLM, *, exact: bool) -> int:
         if not isinstance(module, GptOssExperts):
             continue
         for name in ("gate_up_proj", "down_proj"):
-            weight = getattr(module, name)  # (experts, in, out); the release quantizes along `in`, stored last
-            encoded = [quantize_mxfp4(expert.T) for expert in weight.detach()]
-            blocks = torch.stack([b for b, _ in encoded])
-            scales = torch.stack([s for _, s in encoded])
-            del encoded
+            weight = getattr(module, name)
+            blocks, scales = quantize_experts(weight)
             if exact:
                 lut = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=weight.device)
                 for e, expert in enumerate(weight.detach()):
@@ -401,13 +406,9 @@ def pack_experts(net: GptOssForCausalLM, *, exact: bool) -> int:
                             f"train.expert_weights=mxfp4: {module_name}.{name} (expert {e}) holds values that are not "
                             f"MXFP4 values (rounding would move them by up to {error:.3g}), so this checkpoint's "
                             "experts are not a release's MXFP4 ones; set train.expert_weights=dtype")
-            module.register_buffer(f"{name}_blocks", blocks)
-            module.register_buffer(f"{name}_scales", scales)
-            setattr(module, name, torch.nn.Parameter(
-                torch.zeros((), dtype=weight.dtype, device=weight.device).expand(weight.shape), requires_grad=False))
+            _hold_packed(module, name, blocks, scales, dtype=weight.dtype)
             packed += blocks.numel() + scales.numel()
             del weight
-        module.forward = types.MethodType(_experts_forward, module)  # the only forward that reads the blocks
     if net.device.type == "cuda":
         torch.cuda.empty_cache()
     return packed

@@ -57,6 +57,14 @@ def quantize_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return blocks, (exponent.squeeze(-1) + 127).to(torch.uint8)
 
 
+def quantize_experts(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An expert projection as transformers keeps it, (experts, in, out), encoded in the release layout: blocks
+    (experts, out, in / 32, 16) and scales (experts, out, in / 32), quantized along `in`. One expert at a time: the
+    float32 temporaries of a whole gpt-oss-20b projection would take ~10 GB."""
+    encoded = [quantize_mxfp4(expert.T) for expert in weight.detach()]
+    return torch.stack([blocks for blocks, _ in encoded]), torch.stack([scales for _, scales in encoded])
+
+
 def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
     """The values of quantize_mxfp4's (..., n, 16) blocks and (..., n) scales: (..., 32 n) in lut's dtype, exact in
     bf16 or wider (a 4-bit code's value times a power of two). lut: E2M1_VALUES as a tensor of the wanted dtype and
@@ -71,7 +79,6 @@ def release_state_dict(state_dict: dict[str, torch.Tensor], *, dtype: torch.dtyp
     """The tensors of an MXFP4 checkpoint in the release layout, on the CPU: experts encoded, the rest in `dtype`
     (None: as they are).
 
-    transformers keeps an expert projection as (experts, in, out); the release quantizes along `in`, stored last.
     Experts already held in that layout (steps.modeling.pack_experts: `<name>_blocks` / `<name>_scales` beside a
     placeholder `<name>`) are written as they are.
     """
@@ -80,10 +87,8 @@ def release_state_dict(state_dict: dict[str, torch.Tensor], *, dtype: torch.dtyp
         if name.endswith(EXPERT_PROJECTIONS) and f"{name}_blocks" in state_dict:
             continue  # the placeholder of packed experts
         if name.endswith(EXPERT_PROJECTIONS):
-            # One expert at a time: the float32 temporaries of a whole gpt-oss-20b projection would take ~10 GB.
-            encoded = [quantize_mxfp4(expert.T) for expert in tensor]
-            out[f"{name}_blocks"] = torch.stack([blocks for blocks, _ in encoded]).cpu()
-            out[f"{name}_scales"] = torch.stack([scales for _, scales in encoded]).cpu()
+            blocks, scales = quantize_experts(tensor)
+            out[f"{name}_blocks"], out[f"{name}_scales"] = blocks.cpu(), scales.cpu()
         elif name.endswith(tuple(f"{p}_{part}" for p in EXPERT_PROJECTIONS for part in ("blocks", "scales"))):
             out[name] = tensor.cpu()
         else:
