@@ -200,6 +200,7 @@ def _biased_swiglu(gate_up, delta, bias, expert_ids, alpha, limit):
 
 _biased_swiglu_cuda = torch.compile(_biased_swiglu)
 _clamped_swiglu_grad_cuda = torch.compile(_clamped_swiglu_grad)
+_clamped_swiglu_cuda = torch.compile(_clamped_swiglu)
 
 
 def _mark_rows_dynamic(*tensors):
@@ -216,6 +217,8 @@ class _ClampedSwiGLU(torch.autograd.Function):
     the biased input alone and recomputes the rest in the backward pass: on GPU one fused kernel each way, the
     forward's reading gate_up, LoRA's delta and the gathered bias and writing the activation and the sum (separately
     an add of a [routed tokens, 2 x intermediate] delta and a gathered bias, or a gather again in the backward pass).
+    Returns the activation and that sum (no gradient flows through the latter: it is for _LowRank to rebuild the
+    activation from, in the backward pass, instead of keeping it).
     """
 
     @staticmethod
@@ -227,10 +230,11 @@ class _ClampedSwiGLU(torch.autograd.Function):
             activated, pre = _biased_swiglu_cuda(gate_up, delta, bias, expert_ids, alpha, limit)
         ctx.save_for_backward(pre, expert_ids)
         ctx.alpha, ctx.limit, ctx.bias_like = alpha, limit, (bias.shape, bias.dtype)
-        return activated
+        ctx.mark_non_differentiable(pre)
+        return activated, pre
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, _):
         pre, expert_ids = ctx.saved_tensors
         grad = grad.contiguous()
         if not pre.is_cuda:
@@ -322,24 +326,20 @@ class _RouteRows(torch.autograd.Function):
         return grad, None, None, None
 
 
-_dequantize_mxfp4_cuda = torch.compile(dequantize_mxfp4, dynamic=False)  # one kernel: codes and scales in, values out
-_E2M1_LUTS = {}
-
-
 def _expert_weight(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """An MXFP4-held expert projection as `dtype` values, (experts, out, in): transient, one layer at a time."""
-    key = (blocks.device, dtype)
-    if key not in _E2M1_LUTS:
-        _E2M1_LUTS[key] = torch.tensor(E2M1_VALUES, dtype=dtype, device=blocks.device)
-    decode = _dequantize_mxfp4_cuda if blocks.is_cuda else dequantize_mxfp4
-    return decode(blocks, scales, _E2M1_LUTS[key])
+    """An MXFP4-held expert projection as `dtype` values, (experts, out, in): transient, one layer at a time. The GPU
+    decodes with one Triton kernel (steps/mxfp4_gpu.py), the CPU by table lookup; both give the same bits."""
+    if blocks.is_cuda:
+        from steps.mxfp4_gpu import dequantize_mxfp4_gpu
+        return dequantize_mxfp4_gpu(blocks, scales, dtype)
+    return dequantize_mxfp4(blocks, scales, torch.tensor(E2M1_VALUES, dtype=dtype))
 
 
 class _Mxfp4GroupedMM(torch.autograd.Function):
     """rows @ W_e for each expert e's rows (grouped by `offsets`), W frozen and held in MXFP4 (pack_experts): decoded
     for the forward GEMM and again for the backward one, so no full-size copy lives between them (1.6 GB a gpt-oss-20b
-    layer in bf16). W takes no gradient. The decodes cost ~11% of a gpt-oss-20b LoRA step on an H200 (~0.9 ms a layer
-    each way; bench/README.md)."""
+    layer in bf16). W takes no gradient. The decodes cost ~9% of a gpt-oss-20b LoRA step's GPU time on an H200 (~0.55 ms
+    for a layer's gate_up_proj each way; bench/README.md)."""
 
     @staticmethod
     def forward(ctx, rows, blocks, scales, offsets, dtype):
@@ -414,14 +414,56 @@ def pack_experts(net: GptOssForCausalLM, *, exact: bool) -> int:
     return packed
 
 
-def _low_rank(rows: torch.Tensor, offsets: torch.Tensor, lora) -> torch.Tensor | None:
-    """LoRA's update of a projection, scale * (rows @ A_e) @ B_e for each expert e's rows, where `lora` is
-    (A [experts, in, r], B [experts, r, out], scale): two thin grouped GEMMs instead of a full-size W + scale * A @ B."""
+class _LowRank(torch.autograd.Function):
+    """scale * (rows @ A_e) @ B_e for each expert e's rows (LoRA's update of an expert projection; `lora` is
+    (A [experts, in, r], B [experts, r, out], scale)): two thin grouped GEMMs instead of a full-size W + scale * A @ B.
+
+    A's gradient needs `rows`, a [routed tokens, in] tensor (4 rows per token) that nothing else keeps once the frozen
+    projection has run: autograd would keep it from the forward pass to the backward one, 0.33 GB a gpt-oss-20b layer
+    for the two projections of an 8k-token row. Here the backward pass rebuilds it, `rebuild(*sources)`, from tensors
+    kept anyway: gate_up's rows from the token rows and the routing permutation (a gather), down's from the
+    activation's input (the activation recomputed, one fused kernel).
+    """
+
+    @staticmethod
+    def forward(ctx, rows, lhs, rhs, scale, offsets, rebuild, *sources):
+        ctx.save_for_backward(lhs, rhs, offsets, *sources)
+        ctx.scale, ctx.rebuild = scale, rebuild
+        low_rank = _grouped_mm(rows, lhs, offsets)
+        return _grouped_mm(low_rank * scale, rhs, offsets)
+
+    @staticmethod
+    def backward(ctx, grad):
+        lhs, rhs, offsets, *sources = ctx.saved_tensors
+        with torch.enable_grad():
+            rows = ctx.rebuild(*sources).detach().requires_grad_()
+            lhs_, rhs_ = lhs.detach().requires_grad_(), rhs.detach().requires_grad_()
+            out = _grouped_mm(_grouped_mm(rows, lhs_, offsets) * ctx.scale, rhs_, offsets)
+            d_rows, d_lhs, d_rhs = torch.autograd.grad(out, (rows, lhs_, rhs_), grad)
+        return d_rows, d_lhs, d_rhs, None, None, None, *(None for _ in sources)
+
+
+def _low_rank(rows: torch.Tensor, offsets: torch.Tensor, lora, rebuild, *sources) -> torch.Tensor | None:
     if lora is None:
         return None
     lhs, rhs, scale = lora
-    low_rank = _grouped_mm(rows, lhs.to(rows.dtype).contiguous(), offsets) * scale
-    return _grouped_mm(low_rank, rhs.to(rows.dtype).contiguous(), offsets)
+    return _LowRank.apply(rows, lhs.to(rows.dtype).contiguous(), rhs.to(rows.dtype).contiguous(), scale, offsets,
+                          rebuild, *sources)
+
+
+def _activation_of(alpha: float, limit: float):
+    def rebuild(pre):
+        if not pre.is_cuda:
+            return _clamped_swiglu(pre, alpha, limit)
+        _mark_rows_dynamic(pre)
+        return _clamped_swiglu_cuda(pre, alpha, limit)
+    return rebuild
+
+
+def _gather_rows(top_k: int):
+    def rebuild(hidden_states, perm):
+        return hidden_states[perm // top_k] if top_k > 1 else hidden_states[perm]
+    return rebuild
 
 
 def _experts_forward(self: GptOssExperts, hidden_states: torch.Tensor, router_indices: torch.Tensor,
@@ -441,10 +483,10 @@ def _experts_forward(self: GptOssExperts, hidden_states: torch.Tensor, router_in
     offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
     routed = _RouteRows.apply(hidden_states, perm, inverse, top_k)
     gate_up = _project(self, "gate_up_proj", routed, offsets)
-    activated = _ClampedSwiGLU.apply(gate_up, _low_rank(routed, offsets, lora.get("gate_up_proj")),
-                                     self.gate_up_proj_bias, expert_ids, self.alpha, self.limit)
+    delta = _low_rank(routed, offsets, lora.get("gate_up_proj"), _gather_rows(top_k), hidden_states.detach(), perm)
+    activated, pre = _ClampedSwiGLU.apply(gate_up, delta, self.gate_up_proj_bias, expert_ids, self.alpha, self.limit)
     down = _project(self, "down_proj", activated, offsets)
-    down_delta = _low_rank(activated, offsets, lora.get("down_proj"))
+    down_delta = _low_rank(activated, offsets, lora.get("down_proj"), _activation_of(self.alpha, self.limit), pre)
     if down_delta is not None:
         down = down + down_delta
     out = _Unroute.apply(down, self.down_proj_bias, inverse.view(-1, top_k), perm, router_indices, routing_weights)

@@ -281,8 +281,8 @@ def save_dir_atomic(out: Path, write, *, is_main: bool = True) -> None:
 
 def compile_cache_key() -> str:
     """What compiled kernels depend on beyond the traced graphs that torch's own cache keys hash: the libraries that
-    generate or launch them, the GPU, and the code of this step and of its model patches (steps/modeling.py, and
-    steps/mxfp4.py's decoder, which it compiles)."""
+    generate or launch them, the GPU, and the code of this step and of its model patches (steps/modeling.py, which
+    it compiles, and steps/mxfp4.py). The GPU's MXFP4 decoder is a Triton kernel that Triton's own cache keys."""
     import torch
     from importlib import metadata
 

@@ -35,7 +35,7 @@ def test_fused_activation_matches_transformers_values_and_gradients():
     delta = torch.randn_like(gate_up)  # LoRA's low-rank term, added inside
     delta[0] = 0  # row 0 still meets the clamps exactly
     ours_delta, ref_delta = delta.clone().requires_grad_(), delta.clone().requires_grad_()
-    ours = _ClampedSwiGLU.apply(ours_in, ours_delta, ours_bias, expert_ids, experts.alpha, experts.limit)
+    ours, _ = _ClampedSwiGLU.apply(ours_in, ours_delta, ours_bias, expert_ids, experts.alpha, experts.limit)
     ref = GptOssExperts._apply_gate(experts, ref_in + ref_delta + ref_bias[expert_ids])
     ours.backward(grad_out)
     ref.backward(grad_out)

@@ -75,6 +75,24 @@ def test_the_decoder_gives_the_independent_decoders_values():
     assert in_bf16.dtype == torch.bfloat16 and torch.equal(in_bf16.float(), expected)
 
 
+@pytest.mark.gpu
+def test_the_gpu_decoder_gives_the_table_lookups_bits():
+    """steps/mxfp4_gpu.py's Triton kernel (what a GPU decodes MXFP4-held experts with) against the table lookup above,
+    bit for bit in bf16 and float32: every code in both nibbles, signed zeros, every scale byte from 2 to 252, and a
+    length that is no multiple of the kernel's tile (its masked tail)."""
+    from steps.mxfp4_gpu import dequantize_mxfp4_gpu
+
+    gen = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 256, (3, 251, 7, 16), dtype=torch.uint8, generator=gen)
+    blocks[0, 0, 0] = torch.arange(16, dtype=torch.uint8) * 17
+    scales = torch.arange(2, 253, dtype=torch.uint8).view(1, 251, 1).expand(3, 251, 7).contiguous()
+    for dtype, bits in ((torch.bfloat16, torch.int16), (torch.float32, torch.int32)):
+        expected = mxfp4.dequantize_mxfp4(blocks, scales, torch.tensor(mxfp4.E2M1_VALUES, dtype=dtype))
+        decoded = dequantize_mxfp4_gpu(blocks.cuda(), scales.cuda(), dtype).cpu()
+        assert decoded.shape == expected.shape == (3, 251, 7 * 32)
+        assert torch.equal(decoded.view(bits), expected.view(bits)), dtype
+
+
 def test_transformers_decodes_what_the_encoder_wrote():
     """The loader that serves the export (transformers' own MXFP4 dequantization) reads our bytes as we meant them."""
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
