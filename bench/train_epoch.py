@@ -2,6 +2,7 @@
 warm compile cache, beside the reference recipe, on one GPU.
 
 python bench/train_epoch.py --out DIR --tokenizer-dir TOK [--rows 1000] [--ref-steps 8]
+    [--runs cold,warm,ref,unsloth_cold,unsloth_warm] [--unsloth-trainable reference|all] [--from-checkpoint]
 
 Both train the same random-weight gpt-oss-20b (exact shape) on the same 1,000 synthetic rows as
 bench/train_throughput.py. Ours: `python -m flows.cli step train --config configs/h100-lora.yaml` in a new process per
@@ -10,8 +11,13 @@ the cache run 1 left (warm), each into a new out dir, so nothing but the cache c
 the process to its exit (the manifest is written after the adapter). The reference recipe: bench/train_throughput.py
 --configs ref in a new process, for --ref-steps optimizer steps; its epoch is the measured time from launch to the end
 of step 1 plus the remaining steps of the epoch at its measured steady pace (extrapolated: a full epoch takes ~6 min,
-more than one device call holds beside ours). Writes DIR/epoch.json and each process's console to DIR/*.log.
-Not a test.
+more than one device call holds beside ours). Unsloth (runs unsloth_cold, unsloth_warm; bench/unsloth_train.py
+--epoch in its own process and packages, as train_throughput.py starts it): the whole epoch from the bench model saved
+as bf16 safetensors (train_throughput.py's checkpoint, saved once, before either run), launch to saved adapter; cold
+with an empty work dir (its unsloth_compiled_cache and, pointed there, its Inductor and Triton caches), warm in a new
+process with what the cold run left. --from-checkpoint: ours loads that same checkpoint from disk too
+(model.name=CKPT), instead of drawing the random model on the GPU. Writes DIR/epoch.json and each process's console to
+DIR/*.log. Not a test.
 """
 import argparse
 import json
@@ -28,7 +34,8 @@ REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(REPO))
 
-from train_throughput import FIRST_SPECIAL_ID, synthetic_rows, write_harmony_dir  # noqa: E402
+from train_throughput import (FIRST_SPECIAL_ID, REAL_SHAPE, prepare_unsloth_inputs, run_unsloth,  # noqa: E402
+                              synthetic_rows, write_harmony_dir)
 
 
 def log(msg):
@@ -46,11 +53,12 @@ def run_logged(cmd, log_path, timeout_s):
     return rc, time.time() - start, start
 
 
-def ours(name, harmony, tokenizer_dir, cache_dir, out_root, log_dir, timeout_s, profile, overrides):
+def ours(name, harmony, tokenizer_dir, cache_dir, out_root, log_dir, timeout_s, profile, overrides, checkpoint=None):
     out = out_root / name
+    model = [f"model.name={checkpoint}"] if checkpoint else [
+        "model.name=random", "model.seed=42", "model.random_shape={preset: gpt-oss-20b}", "train.save_random_base=false"]
     cmd = [sys.executable, "-m", "flows.cli", "step", "train", "--config", str(profile), "--input",
-           f"harmony={harmony}", "--out", str(out), "model.name=random", f"model.tokenizer={tokenizer_dir}",
-           "model.seed=42", "model.random_shape={preset: gpt-oss-20b}", "train.save_random_base=false",
+           f"harmony={harmony}", "--out", str(out), *model, f"model.tokenizer={tokenizer_dir}",
            f"train.compile_cache_dir={cache_dir}", *overrides]
     log(f"{name}: {' '.join(cmd)}")
     rc, wall, _ = run_logged(cmd, log_dir / f"epoch-{name}.log", timeout_s)
@@ -79,6 +87,11 @@ def main():
     ap.add_argument("--profile", default=str(REPO / "configs" / "h100-lora.yaml"))
     ap.add_argument("--override", action="append", default=[], help="extra section.key=value for ours")
     ap.add_argument("--timeout-s", type=float, default=400, help="per process")
+    ap.add_argument("--unsloth-trainable", default="reference", choices=["reference", "all"],
+                    help="unsloth_*: the trainable set (all: the experts of every layer)")
+    ap.add_argument("--unsloth-site", default="/tmp/site-unsloth", help="unsloth_*: Unsloth's packages (PYTHONPATH)")
+    ap.add_argument("--ckpt-dir", default="/tmp/bench-ckpt", help="the bench model as bf16 safetensors (saved once)")
+    ap.add_argument("--from-checkpoint", action="store_true", help="ours loads --ckpt-dir instead of a random draw")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -87,11 +100,27 @@ def main():
     harmony = write_harmony_dir(rows, a.tokenizer_dir, work / "harmony")
     cache_dir = work / "compile-cache"
     tokens = sum(len(r["input_ids"]) for r in rows)
-    summary = {"rows": len(rows), "row_tokens_total": tokens, "profile": a.profile, "runs": {}}
-    for run in a.runs.split(","):
+    summary = {"rows": len(rows), "row_tokens_total": tokens, "profile": a.profile, "overrides": a.override, "runs": {}}
+    runs = a.runs.split(",")
+    checkpoint = None
+    if a.from_checkpoint or any(r.startswith("unsloth_") for r in runs):
+        summary["checkpoint"] = prepare_unsloth_inputs(REAL_SHAPE, rows, "cuda", a.tokenizer_dir, a.ckpt_dir)
+        checkpoint = summary["checkpoint"]["ckpt_dir"] if a.from_checkpoint else None
+    unsloth_work = work / "unsloth-work"
+    for run in runs:
         if run in ("cold", "warm"):
             summary["runs"][run] = ours(run, harmony, Path(a.tokenizer_dir).resolve(), cache_dir, work, out,
-                                        a.timeout_s, a.profile, a.override)
+                                        a.timeout_s, a.profile, a.override, checkpoint)
+        elif run in ("unsloth_cold", "unsloth_warm"):
+            caches = {"TORCHINDUCTOR_CACHE_DIR": str(unsloth_work / "inductor"),
+                      "TRITON_CACHE_DIR": str(unsloth_work / "triton")}
+            name = "unsloth" if a.unsloth_trainable == "reference" else "unsloth_all"
+            r = run_unsloth(name, rows, REAL_SHAPE, "cuda", 2, 0, a.tokenizer_dir, a.ckpt_dir, a.unsloth_site,
+                            unsloth_work, a.timeout_s, out / run, epoch=True, env_extra=caches)
+            r["wall_s"] = r.get("launch_to_saved_adapter_s")
+            summary["runs"][run] = r
+            log(f"{run}: " + json.dumps({k: r.get(k) for k in ("launch_to_saved_adapter_s", "steps_done",
+                                                                "tokens_per_s", "peak_gib", "phases_s", "error")}))
         elif run == "ref":
             ref_out = work / "ref"
             cmd = [sys.executable, str(BENCH / "train_throughput.py"), "--out", str(ref_out), "--configs", "ref",
@@ -119,9 +148,10 @@ def main():
     print("\n| run | wall s (launch to saved adapter) | x ref | steps | tokens/s | peak GiB | phases s |")
     print("|---|---|---|---|---|---|---|")
     for name, r in runs.items():
-        wall = r.get("epoch_wall_s_extrapolated") if name == "ref" else r["wall_s"]
+        wall = r.get("epoch_wall_s_extrapolated") if name == "ref" else r.get("wall_s")
         x = ref_wall / wall if ref_wall and wall else math.nan
-        print(f"| {name} | {wall} | {x:.2f} | {r.get('num_steps', r.get('steps_per_epoch'))} | {r.get('tokens_per_s')} "
+        steps = r.get("num_steps", r.get("steps_done", r.get("steps_per_epoch")))
+        print(f"| {name} | {wall} | {x:.2f} | {steps} | {r.get('tokens_per_s')} "
               f"| {r.get('peak_mem_gib', r.get('peak_gib'))} | {r.get('phases_s', '')} |")
 
 

@@ -563,10 +563,11 @@ def prepare_unsloth_inputs(shape, rows, device, tokenizer_dir, ckpt_dir):
 
 
 def run_unsloth(name, rows, shape, device, warmup_steps, timed_steps, tokenizer_dir, ckpt_dir, site, work_dir,
-                timeout_s, out_dir, python=sys.executable):
+                timeout_s, out_dir, python=sys.executable, epoch=False, env_extra=None):
     """(c): bench/unsloth_train.py in a new process with PYTHONPATH=site alone (Unsloth's wheels over the machine's
     own transformers 5.17 and torch), cwd work_dir (where Unsloth keeps unsloth_compiled_cache: the second
-    configuration finds the first one's), killed after timeout_s. Its JSON result is returned; a failure returns the
+    configuration finds the first one's), killed after timeout_s; epoch: the whole epoch and the adapter saved
+    (unsloth_train.py --epoch); env_extra: more environment for it. Its JSON result is returned; a failure returns the
     error, the return code and its last output lines, so the other configurations' results stay."""
     import collections
     import signal
@@ -587,9 +588,12 @@ def run_unsloth(name, rows, shape, device, warmup_steps, timed_steps, tokenizer_
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update({"PYTHONPATH": str(site), "PYTHONUNBUFFERED": "1", "NCCL_NVLS_ENABLE": "0",
                 "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1", "HF_HUB_OFFLINE": "1"})
+    env.update(env_extra or {})
     cmd = [python, str(UNSLOTH_SCRIPT), "--model-dir", result["inputs"]["ckpt_dir"],
            "--rows", result["inputs"]["rows_path"], "--trainable", UNSLOTH_CONFIGS[name], "--out", str(result_json),
            "--warmup-steps", str(warmup_steps), "--timed-steps", str(timed_steps), "--launch-unix", f"{time.time():.3f}"]
+    if epoch:
+        cmd.append("--epoch")
     if device != "cuda":
         cmd.append("--cpu-smoke")
     log(f"{name}: PYTHONPATH={site} cwd={work_dir} timeout {timeout_s:.0f}s: {' '.join(cmd)}")

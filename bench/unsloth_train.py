@@ -1,7 +1,7 @@
 """Configuration (c): Unsloth training the bench's random-weight gpt-oss checkpoint, in a process of its own.
 
 python bench/unsloth_train.py --model-dir CKPT --rows ROWS.jsonl --trainable reference|all --out RESULT.json
-    [--warmup-steps 2] [--timed-steps 6] [--launch-unix T]
+    [--warmup-steps 2] [--timed-steps 6 | --epoch] [--launch-unix T]
 
 Started by bench/train_throughput.py (configurations `unsloth`, `unsloth_all`) with PYTHONPATH=/tmp/site-unsloth: the
 wheels of .whl-unsloth/ (bench/unsloth_wheels.py: unsloth 2026.10.9, unsloth_zoo, TRL 1.15, datasets 4.8, ...) over
@@ -19,7 +19,10 @@ What it does, with Unsloth's own gpt-oss notebook settings where it has one:
 - TRL's SFTTrainer as Unsloth patches it (imported after unsloth), SFTConfig with the notebook's optimizer settings
   (adamw_8bit, weight_decay 0.001, linear schedule, warm-up 5 steps, seed 3407), lr 2e-4, bf16; padded batches 4 x
   grad-accum 4 of the parent's rows (input_ids + labels, right-padded, attention mask), max length 2048;
-  max_steps = warm-up + timed optimizer steps (so the linear schedule spans those steps, not the epoch).
+  max_steps = warm-up + timed optimizer steps (so the linear schedule spans those steps, not the epoch); with --epoch,
+  the whole epoch (every step after the warm-up timed), then the adapter saved (PEFT's save_pretrained) to
+  RESULT.adapter/, and the time from process start (and from the parent's launch) to the saved adapter recorded:
+  bench/train_epoch.py's end-to-end figure for Unsloth.
 - Tokens counted exactly: the collator is ours, wrapped; it counts the non-pad tokens (and loss tokens) of every
   micro-batch the trainer consumes.
 - Writes one JSON (--out): settings, every package version, trainable parameters, process start -> end of step 1
@@ -209,6 +212,7 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--warmup-steps", type=int, default=2)
     ap.add_argument("--timed-steps", type=int, default=6)
+    ap.add_argument("--epoch", action="store_true", help="train the whole epoch (not --timed-steps) and save the adapter")
     ap.add_argument("--max-length", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--grad-accum", type=int, default=4)
@@ -356,9 +360,10 @@ def main():
         t = time.perf_counter()
         rows = read_rows(a.rows)
         ds = Dataset.from_list(rows)
+        steps_per_epoch = math.ceil(len(ds) / (a.batch * a.grad_accum))
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         collator = PaddedCollator(pad_id, a.max_length)
-        stop_at = a.warmup_steps + a.timed_steps
+        stop_at = steps_per_epoch if a.epoch else a.warmup_steps + a.timed_steps
         step_t, step_unix, losses, grad_norms = [], [], {}, {}
 
         def sync():
@@ -416,13 +421,12 @@ def main():
                 collator.counts.append((n, int((batch["labels"][:, 1:] != -100).sum())))
                 return batch
             trainer.data_collator = counting
-        steps_per_epoch = math.ceil(len(ds) / (a.batch * a.grad_accum))
         phase("trainer_setup", t)
         result.update({
             "settings": {"load": {k: str(v) for k, v in load_kwargs.items()}, "sft": sft,
                          "optim": optim, "layout": f"padded {a.batch} x grad-accum {a.grad_accum}",
                          "max_length": a.max_length, "rows": len(ds), "steps_per_epoch": steps_per_epoch,
-                         "warmup_steps": a.warmup_steps, "timed_steps": a.timed_steps,
+                         "warmup_steps": a.warmup_steps, "timed_steps": a.timed_steps, "epoch": a.epoch,
                          "trainer_class": type(trainer).__name__,
                          "gradient_checkpointing": "unsloth (offloaded)" if gc_mode == "unsloth" else str(gc_mode),
                          "model_gradient_checkpointing": getattr(model, "is_gradient_checkpointing", None)},
@@ -467,6 +471,16 @@ def main():
             })
             log(f"{result['tokens_per_s']:.0f} tokens/s over {n_timed} steps ({result['step_s']} s/step), "
                 f"peak {result['peak_gib']} GiB, step 1 {result['process_start_to_first_step_s']}s after start")
+            if a.epoch:
+                t = time.perf_counter()
+                adapter = out.with_name(out.stem + ".adapter")
+                model.save_pretrained(str(adapter))
+                phase("save", t)
+                result.update({
+                    "adapter_dir": str(adapter), "adapter_files": sorted(f.name for f in adapter.iterdir()),
+                    "process_start_to_saved_adapter_s": round(time.perf_counter() - T0, 2),
+                    "launch_to_saved_adapter_s": a.launch_unix and round(time.time() - a.launch_unix, 2)})
+                log(f"adapter saved to {adapter}, {result['process_start_to_saved_adapter_s']}s after process start")
     except BaseException as e:  # noqa: BLE001  the JSON says what broke, the parent prints our last lines too
         result["error"] = f"{type(e).__name__}: {str(e)[:2000]}"
         result["traceback"] = traceback.format_exc()[-6000:]
