@@ -5,8 +5,9 @@
 # step_all (all 24, experts in bf16), with a profile of one step_all_mx step; last, the load of a Hub-layout MXFP4
 # gpt-oss-20b (random content), experts dequantized vs kept as stored (bench/load_mxfp4.py).
 # Ran from 2614fa5 (branch mxfp4-recompute) without step_all. Outcome: the bit-assembled decoder was slower than the
-# compiled lookup (0.942 vs 0.776 ms a layer) and was dropped; step_all_mx peaked at 38.1 GiB (15.1k tokens/s, its
-# summary lost to the deadline: the numbers are its log lines); the packed load did not finish inside its timeout.
+# compiled lookup (0.942 vs 0.776 ms a layer) and was dropped; step_all_mx peaked at 38.1 GiB (15.1k tokens/s; the
+# bench's 240 s timeout stopped it just after, before its summary: the numbers are its log lines); the packed load
+# did not finish inside its 140 s timeout.
 # From a copy of main carrying .whl/ and .benchdata/tokenizer.tgz, as h200-2026-12-01-mxfp4-experts-run.sh.
 set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1
