@@ -386,7 +386,8 @@ def run_train_step(name, rows, device, warmup_steps, timed_steps, tokenizer_dir,
     Timing: a tracker records the host clock (after cuda synchronize) and TRL's cumulative num_tokens at each logged
     optimizer step; tokens/s is over the steps after the warm-up, as for the other configurations.
     profile_to: a file; one more optimizer step runs after the timed ones under torch.profiler, whose table of
-    kernels by GPU time is written there (that step is not timed), and beside it the same by input shapes.
+    kernels by GPU time is written there (that step is not timed), and beside it the same by input shapes and the
+    step's Chrome trace (.trace.json.gz; bench/trace_gaps.py reads it).
     """
     from steps import contract
     from steps.profile import load_profile, step_config
@@ -416,6 +417,8 @@ def run_train_step(name, rows, device, warmup_steps, timed_steps, tokenizer_dir,
                     by_shape = self.prof.key_averages(group_by_input_shape=True).table(
                         sort_by="self_cuda_time_total", row_limit=50, max_name_column_width=60, max_shapes_column_width=110)
                     Path(profile_to).with_suffix(".shapes.txt").write_text(by_shape)
+                    # the timeline, for bench/trace_gaps.py: where the GPU waits on the host
+                    self.prof.export_chrome_trace(str(Path(profile_to).with_suffix(".trace.json.gz")))
                     self.prof = None
 
         def log_artifact(self, path):
