@@ -697,6 +697,9 @@ def main():
     ap.add_argument("--step-variant", action="append", default=[], metavar="NAME=K=V;K=V",
                     help="a configuration NAME (usable in --configs) = `step` with these extra overrides")
     ap.add_argument("--profile", default="", help="comma-separated configurations to profile one extra step of")
+    ap.add_argument("--compiled-attention", default="", help="comma-separated step configurations whose attention "
+                    "blocks (projections with their LoRA, rotary, attention, output) run as one torch.compile'd "
+                    "function: a lever on the host's launch overhead, tried here before it goes into steps/")
     ap.add_argument("--baseline-experts", default="", help="comma-separated step configurations to run with the "
                     "expert path of main at 53b72cc (bench/experts_53b72cc.py) instead of steps/modeling.py's")
     ap.add_argument("--peft-experts", default="", help="comma-separated step configurations to run with PEFT's own "
@@ -811,10 +814,18 @@ def main():
                     import steps.modeling
                     patches.enter_context(unittest.mock.patch.object(steps.modeling, "lora_experts", lambda net: 0))
                     log(f"{name}: PEFT's own expert LoRA (steps.modeling.lora_experts off)")
+                if name in a.compiled_attention.split(","):
+                    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssAttention
+                    # one function for every layer (dynamo passes each layer's module and weights in as inputs);
+                    # packed rows vary in length, hence dynamic
+                    compiled = torch.compile(GptOssAttention.forward, dynamic=True)
+                    patches.enter_context(unittest.mock.patch.object(GptOssAttention, "forward", compiled))
+                    log(f"{name}: GptOssAttention.forward compiled (torch.compile, dynamic shapes)")
                 res = run_train_step(name, rows, device, a.warmup_steps, a.timed_steps, a.tokenizer_dir, a.step_profile,
                                      a.step_override + variants.get(name, []), profile_to)
             res["expert_path"] = "main 53b72cc" if name in a.baseline_experts.split(",") else "this checkout"
             res["expert_lora"] = "PEFT (W + BA per forward)" if name in a.peft_experts.split(",") else "lora_experts"
+            res["attention"] = "compiled" if name in a.compiled_attention.split(",") else "eager"
         elif name in UNSLOTH_CONFIGS:
             log(f"=== {name} (Unsloth, experts of {UNSLOTH_CONFIGS[name]} layers, own process)")
             if a.tokenizer_dir is None:
