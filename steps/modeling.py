@@ -1,5 +1,6 @@
 """Loading gpt-oss models for training and merging: random weights of a shape (tests, benchmarks) or a checkpoint;
 the fused expert and CPU LM-head paths the train step runs on."""
+import functools
 import logging
 import types
 from contextlib import ExitStack, contextmanager
@@ -304,6 +305,10 @@ class _Unroute(torch.autograd.Function):
         return d_down, d_bias, None, None, None, d_weights
 
 
+def _route_rows(rows, index, group):
+    return rows[index // group] if group > 1 else rows[index]
+
+
 class _RouteRows(torch.autograd.Function):
     """rows[index // group], for `index` a permutation of range(len(rows) * group), with `inverse` its inverse.
 
@@ -315,7 +320,7 @@ class _RouteRows(torch.autograd.Function):
     def forward(ctx, rows, index, inverse, group):
         ctx.save_for_backward(inverse)
         ctx.group = group
-        return rows[index // group] if group > 1 else rows[index]
+        return _route_rows(rows, index, group)
 
     @staticmethod
     def backward(ctx, grad):
@@ -451,19 +456,12 @@ def _low_rank(rows: torch.Tensor, offsets: torch.Tensor, lora, rebuild, *sources
                           rebuild, *sources)
 
 
-def _activation_of(alpha: float, limit: float):
-    def rebuild(pre):
-        if not pre.is_cuda:
-            return _clamped_swiglu(pre, alpha, limit)
-        _mark_rows_dynamic(pre)
-        return _clamped_swiglu_cuda(pre, alpha, limit)
-    return rebuild
-
-
-def _gather_rows(top_k: int):
-    def rebuild(hidden_states, perm):
-        return hidden_states[perm // top_k] if top_k > 1 else hidden_states[perm]
-    return rebuild
+def _activation(pre: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """The expert activation of _ClampedSwiGLU's saved sum, again (one fused kernel on GPU)."""
+    if not pre.is_cuda:
+        return _clamped_swiglu(pre, alpha, limit)
+    _mark_rows_dynamic(pre)
+    return _clamped_swiglu_cuda(pre, alpha, limit)
 
 
 def _experts_forward(self: GptOssExperts, hidden_states: torch.Tensor, router_indices: torch.Tensor,
@@ -483,10 +481,12 @@ def _experts_forward(self: GptOssExperts, hidden_states: torch.Tensor, router_in
     offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
     routed = _RouteRows.apply(hidden_states, perm, inverse, top_k)
     gate_up = _project(self, "gate_up_proj", routed, offsets)
-    delta = _low_rank(routed, offsets, lora.get("gate_up_proj"), _gather_rows(top_k), hidden_states.detach(), perm)
+    delta = _low_rank(routed, offsets, lora.get("gate_up_proj"), functools.partial(_route_rows, group=top_k),
+                      hidden_states.detach(), perm)
     activated, pre = _ClampedSwiGLU.apply(gate_up, delta, self.gate_up_proj_bias, expert_ids, self.alpha, self.limit)
     down = _project(self, "down_proj", activated, offsets)
-    down_delta = _low_rank(activated, offsets, lora.get("down_proj"), _activation_of(self.alpha, self.limit), pre)
+    down_delta = _low_rank(activated, offsets, lora.get("down_proj"),
+                           functools.partial(_activation, alpha=self.alpha, limit=self.limit), pre)
     if down_delta is not None:
         down = down + down_delta
     out = _Unroute.apply(down, self.down_proj_bias, inverse.view(-1, top_k), perm, router_indices, routing_weights)

@@ -68,7 +68,7 @@ def quantize_experts(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
     """The values of quantize_mxfp4's (..., n, 16) blocks and (..., n) scales: (..., 32 n) in lut's dtype, exact in
     bf16 or wider (a 4-bit code's value times a power of two). lut: E2M1_VALUES as a tensor of the wanted dtype and
-    device (an argument, so that a compiled caller fuses the whole decode into one kernel)."""
+    device. The CPU's decoder; a GPU runs steps/mxfp4_gpu.py's kernel, which gives the same bits."""
     codes = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).flatten(-2)
     scale = torch.exp2(scales.to(torch.float32) - 127.0).to(lut.dtype)
     return (lut[codes.to(torch.int32)] * scale[..., None]).flatten(-2)
